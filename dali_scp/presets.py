@@ -1,0 +1,118 @@
+"""Every recipe number lives here, once: augmentation presets and the training schedules.
+
+Why one file: the point of the project is that ``--preset r50_ssj_scp_270k`` *is* the mmdetection
+recipe behind the target table (Mask R-CNN R-50-FPN, batch 64, SyncBN, 1024^2; Ghiasi et al. 2021).
+Pipelines, trainer, profiler and tests read these objects; nothing re-types a number.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """Scale jittering as in mmdetection's SSJ/LSJ configs: resize so the image fits a square of
+    side ``out_size * s`` (s ~ U(scale_range)) keeping aspect, random crop of at most out_size^2,
+    horizontal flip, pad bottom/right to out_size^2."""
+    out_size: int = 1024
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    flip_prob: float = 0.5
+    pad_value: int = 0
+
+
+@dataclass(frozen=True)
+class CopyPaste:
+    """Simple Copy-Paste between samples of a batch (mmdetection ``CopyPaste`` defaults)."""
+    max_num_pasted: int = 100
+    paste_prob: float = 1.0
+    bbox_occluded_thr: float = 10.0
+    mask_occluded_thr: int = 300
+    blend_sigma: float = 0.0  # the paper's Gaussian alpha blending; off in mmdetection
+
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    name: str
+    jitter: Jitter
+    copy_paste: CopyPaste | None = None
+
+
+SSJ_RANGE = (0.8, 1.25)
+LSJ_RANGE = (0.1, 2.0)
+
+PIPELINES: dict[str, PipelinePreset] = {
+    "none": PipelinePreset("none", Jitter(scale_range=(1.0, 1.0))),
+    "ssj": PipelinePreset("ssj", Jitter(scale_range=SSJ_RANGE)),
+    "lsj": PipelinePreset("lsj", Jitter(scale_range=LSJ_RANGE)),
+    "ssj_scp": PipelinePreset("ssj_scp", Jitter(scale_range=SSJ_RANGE), CopyPaste()),
+    "lsj_scp": PipelinePreset("lsj_scp", Jitter(scale_range=LSJ_RANGE), CopyPaste()),
+}
+
+
+def pipeline_preset(name: str, out_size: int | None = None) -> PipelinePreset:
+    if name not in PIPELINES:
+        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
+    p = PIPELINES[name]
+    if out_size is not None and out_size != p.jitter.out_size:
+        p = replace(p, jitter=replace(p.jitter, out_size=out_size))
+    return p
+
+
+@dataclass(frozen=True)
+class EvalResize:
+    """Test-time resize keeping aspect (mmdetection: scale=(1333, 800), keep_ratio=True), pad to a
+    multiple of ``pad_divisor``."""
+    max_long: int = 1333
+    max_short: int = 800
+    pad_divisor: int = 32
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training schedule. ``lr`` is for ``total_batch``; other batch sizes scale it linearly."""
+    name: str
+    pipeline: str
+    max_iters: int
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    total_batch: int = 64
+    image_size: int = 1024
+    warmup_iters: int = 500
+    warmup_factor: float = 0.067
+    steps: tuple[int, ...] = (81000, 85500, 87750)
+    gamma: float = 0.1
+    norm: str = "SyncBN"
+    backbone: str = "resnet50"
+    trainable_layers: int = 5
+    eval_resize: EvalResize = field(default_factory=EvalResize)
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_90K = dict(max_iters=90000, warmup_iters=500, warmup_factor=0.067, steps=(81000, 85500, 87750))
+_270K = dict(max_iters=270000, warmup_iters=1000, warmup_factor=0.001, steps=(243000, 256500, 263250))
+
+RECIPES: dict[str, Recipe] = {}
+for _pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):
+    for _tag, _sched in (("90k", _90K), ("270k", _270K)):
+        _name = f"r50_{_pipe}_{_tag}"
+        RECIPES[_name] = Recipe(name=_name, pipeline=_pipe, **_sched)
+
+# The embedded default: minutes on a 2-core CPU, same code path as the real recipes.
+RECIPES["demo"] = Recipe(
+    name="demo", pipeline="ssj_scp", max_iters=60, lr=0.02, total_batch=2, image_size=320,
+    warmup_iters=10, warmup_factor=0.1, steps=(45,), norm="BN", backbone="resnet18", trainable_layers=5,
+    eval_resize=EvalResize(max_long=320, max_short=320, pad_divisor=32), checkpoint_every=20,
+    keep_checkpoints=2, log_every=5, weight_decay=1e-4,
+)
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]

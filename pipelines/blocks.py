@@ -1,0 +1,106 @@
+"""The building blocks every pipeline is composed from: reader -> decode -> jitter -> masks ->
+copy-paste -> padded outputs. Each function adds nodes to the DALI graph being defined.
+
+Why this shape: DALI's examples define one function per pipeline; ours differ only in the jitter range
+and whether copy-paste runs, so they are one composition of these blocks with a preset
+(``dali_scp.presets``), never copies of each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dali_scp.deps import require_dali
+
+require_dali()
+import nvidia.dali.math as dmath  # noqa: E402
+from nvidia.dali import fn, types  # noqa: E402
+
+from dali_scp import presets  # noqa: E402
+from pipelines.stages import CopyPasteStage, RasterizeStage  # noqa: E402
+
+READER_NAME = "Reader"
+
+
+@dataclass(frozen=True)
+class CocoFiles:
+    """Where a split lives; ``annotations`` is the (checked, filtered) JSON the reader uses."""
+    images: str
+    annotations: str
+
+
+def coco_reader(files: CocoFiles, shard_id=0, num_shards=1, shuffle=True, seed=-1):
+    """Crowd annotations are excluded (``include_iscrowd=False``): like mmdetection/torchvision they
+    are not training targets. Class ids stay the dataset's own (``avoid_class_remapping``); the
+    iterator maps them to contiguous labels."""
+    jpegs, _boxes, labels, polygons, vertices, image_ids = fn.readers.coco(
+        file_root=files.images, annotations_file=files.annotations, polygon_masks=True, image_ids=True,
+        include_iscrowd=False, avoid_class_remapping=True, ltrb=True, size_threshold=0.0,
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, seed=seed,
+        pad_last_batch=not shuffle, stick_to_shard=False, name=READER_NAME)
+    return jpegs, labels, polygons, vertices, image_ids
+
+
+def decode(jpegs, device: str):
+    """``mixed`` = nvJPEG/nvImageCodec on the GPU; the CPU decoder where there is none."""
+    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def _fit_scale(h, w, long_side, short_side):
+    """Scale that makes an h x w image fit long_side x short_side keeping aspect (as mmdetection)."""
+    return dmath.min(long_side / dmath.max(h, w), short_side / dmath.min(h, w))
+
+
+def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
+    """Resize + random crop + flip in *one* resampling pass, and the same affine map for the polygon
+    vertices. The crop window is expressed as a (possibly flipped) ROI of the source image, so only
+    the pixels that survive the crop are resampled. Returns padded images (S x S), the transformed
+    vertices and the per-sample geometry (resize factor, valid height/width, flip) for debugging."""
+    S = float(cfg.out_size)
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
+    h, w = shape[0], shape[1]
+    lo, hi = cfg.scale_range
+    s = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
+    r = _fit_scale(h, w, S * s, S * s)
+    rh, rw = h * r, w * r
+    oh = dmath.max(dmath.min(dmath.floor(rh + 0.5), S), 1.0)
+    ow = dmath.max(dmath.min(dmath.floor(rw + 0.5), S), 1.0)
+    oy = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * dmath.max(rh - oh, 0.0))
+    ox = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * dmath.max(rw - ow, 0.0))
+    y0, y1 = oy / r, (oy + oh) / r
+    x0, x1 = ox / r, (ox + ow) / r
+    flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT) if cfg.flip_prob > 0 else 0.0
+    xs = x0 + flip * (x1 - x0)
+    xe = x1 - flip * (x1 - x0)
+    images = fn.resize(images, size=fn.stack(oh, ow), roi_start=fn.stack(y0, xs), roi_end=fn.stack(y1, xe),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.pad(images, axis_names="HW", shape=[cfg.out_size, cfg.out_size], fill_value=cfg.pad_value)
+    kx, ky = ow / (xe - xs), oh / (y1 - y0)
+    vertices = vertices * fn.stack(kx, ky) - fn.stack(xs * kx, y0 * ky)
+    geometry = fn.stack(r, oh, ow, flip)
+    return images, vertices, geometry
+
+
+def instance_masks(polygons, vertices, labels, out_size: int, device: str):
+    """Rasterise every instance at the output resolution; drop those cropped away."""
+    stage = RasterizeStage(out_size, out_size)
+    if device == "gpu":
+        polygons, vertices, labels = polygons.gpu(), vertices.gpu(), labels.gpu()
+    masks, boxes, labels = fn.python_function(polygons, vertices, labels, function=stage, num_outputs=3,
+                                              batch_processing=True, device=device)
+    return masks, boxes, labels
+
+
+def copy_paste(images, masks, boxes, labels, cfg: presets.CopyPaste, device: str, seed: int):
+    stage = CopyPasteStage(cfg, seed=seed)
+    return fn.python_function(images, masks, boxes, labels, function=stage, num_outputs=4,
+                              batch_processing=True, device=device)
+
+
+def padded_targets(masks, boxes, labels):
+    """The PyTorch iterator wants one dense tensor per output: pad along the instance axis and report
+    how many rows of each sample are real."""
+    counts = fn.cast(labels.shape(), dtype=types.INT32)
+    return (fn.pad(masks, axes=(0,), fill_value=0), fn.pad(boxes, axes=(0,), fill_value=0.0),
+            fn.pad(labels, axes=(0,), fill_value=-1), counts)

@@ -1,0 +1,57 @@
+"""The instance-segmentation input pipelines, selected by name (``none``, ``ssj``, ``lsj``,
+``ssj_scp``, ``lsj_scp``; see ``dali_scp.presets``).
+
+    reader -> decode -> scale jitter (image + polygons) -> rasterised masks -> [copy-paste] -> pad
+
+Outputs, per sample: image [S, S, 3] uint8, masks [Nmax, S, S] uint8, boxes [Nmax, 4] float32 xyxy,
+category ids [Nmax] int32 (padding -1), count [1], image id [1], geometry [4] (scale, valid h, valid w,
+flipped). ``pipelines.iterator`` turns them into torchvision-style targets.
+"""
+from __future__ import annotations
+
+from dali_scp.dataset import CocoSplit
+from dali_scp.deps import require_dali
+from dali_scp.presets import PipelinePreset, pipeline_preset
+
+require_dali()
+from nvidia.dali import pipeline_def  # noqa: E402
+
+from pipelines import blocks  # noqa: E402
+
+OUTPUTS = ("images", "masks", "boxes", "cat_ids", "counts", "image_ids", "geometry")
+
+
+@pipeline_def
+def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePreset, device: str,
+                                   shard_id: int, num_shards: int, shuffle: bool, cp_seed: int):
+    jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle)
+    images = blocks.decode(jpegs, device)
+    images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
+    masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device)
+    if preset.copy_paste is not None:
+        images, masks, boxes, cat_ids = blocks.copy_paste(images, masks, boxes, cat_ids, preset.copy_paste,
+                                                          device, cp_seed)
+    masks, boxes, cat_ids, counts = blocks.padded_targets(masks, boxes, cat_ids)
+    return images, masks, boxes, cat_ids, counts, image_ids, geometry
+
+
+def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
+          num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True,
+          out_size: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
+          annotations: str | None = None):
+    """Build (not yet run) a pipeline. ``seed`` fixes every random choice, so the same seed gives the
+    same batches; each shard gets its own copy-paste stream. ``annotations`` overrides the JSON the
+    reader uses (the dataset check passes its filtered copy)."""
+    preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
+    if device == "gpu" and device_id is None:
+        device_id = 0
+    files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
+    pipe = instance_segmentation_pipeline(
+        files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
+        cp_seed=seed * 1000 + shard_id, batch_size=batch_size, num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None, seed=seed * 1000 + shard_id + 1,
+        prefetch_queue_depth=prefetch_queue_depth)
+    pipe.build()
+    return pipe

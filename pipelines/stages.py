@@ -1,0 +1,44 @@
+"""Callables that DALI's ``fn.python_function`` runs on whole batches (NumPy on the CPU, CuPy on the
+GPU). They hold the only state of the custom stages: output size, recipe parameters and the
+copy-paste random generator (seeded, so the same seed gives the same batches)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from dali_scp import xp as xpm
+from dali_scp.copy_paste import copy_paste, draw_choices
+from dali_scp.presets import CopyPaste
+from dali_scp.raster import rasterize_batch
+
+log = logging.getLogger(__name__)
+
+
+class RasterizeStage:
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def __call__(self, polygons, vertices, labels):
+        xp = xpm.get_xp(*vertices)
+        counts = [int(l.shape[0]) for l in labels]
+        masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, xp)
+        labels = [xp.ascontiguousarray(l.reshape(-1)[k]).astype(xp.int32) for l, k in zip(labels, kept)]
+        return masks, boxes, labels
+
+
+class CopyPasteStage:
+    """Draws the pairing and selection, then calls the pure ``copy_paste``."""
+    _warned_single = False
+
+    def __init__(self, cfg: CopyPaste, seed: int = 0):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, images, masks, boxes, labels):
+        if len(images) < 2 and not CopyPasteStage._warned_single:
+            log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")
+            CopyPasteStage._warned_single = True
+        choices = draw_choices(self.rng, [m.shape[0] for m in masks], self.cfg)
+        xp = xpm.get_xp(*images)
+        return copy_paste(images, masks, boxes, [l.reshape(-1) for l in labels], choices, self.cfg, xp)
