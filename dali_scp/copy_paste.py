@@ -79,14 +79,16 @@ def paste_alpha(masks_src, picks, xp=np):
 
 def copy_paste(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, xp=None):
     """images: list of [H, W, 3] uint8 (one canvas size); masks/boxes/labels: per-sample lists of
-    [n, H, W] uint8, [n, 4] float32 xyxy, [n] ints. Returns the same four per-sample lists."""
+    [n, H, W] uint8, [n, 4] float32 xyxy, [n] ints. Returns the same four per-sample lists and a fifth,
+    ``pasted`` [n] uint8 (1 for objects that came from the source; for the visualiser)."""
     xp = xp or xpm.get_xp(*images)
-    out_img, out_m, out_b, out_l = [], [], [], []
+    out_img, out_m, out_b, out_l, out_p = [], [], [], [], []
     for b, img in enumerate(images):
         s = int(choices.src[b])
         picks = choices.picks[b]
         if s < 0 or len(picks) == 0:
             out_img.append(img), out_m.append(masks[b]), out_b.append(boxes[b]), out_l.append(labels[b])
+            out_p.append(xp.zeros(labels[b].shape[0], dtype=xp.uint8))
             continue
         alpha = paste_alpha(masks[s], picks, xp)
         if cfg.blend_sigma > 0:
@@ -107,4 +109,5 @@ def copy_paste(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, x
         out_m.append(xp.concatenate([dst[kidx], pasted]))
         out_b.append(xp.concatenate([dst_boxes[kidx], mask_boxes(pasted, xp)]))
         out_l.append(xp.concatenate([labels[b][kidx], labels[s][pidx]]))
-    return out_img, out_m, out_b, out_l
+        out_p.append(xp.concatenate([xp.zeros(kidx.shape[0], xp.uint8), xp.ones(pidx.shape[0], xp.uint8)]))
+    return out_img, out_m, out_b, out_l, out_p

@@ -83,24 +83,24 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
 
 
 def instance_masks(polygons, vertices, labels, out_size: int, device: str):
-    """Rasterise every instance at the output resolution; drop those cropped away."""
+    """Rasterise every instance at the output resolution; drop those cropped away. Returns masks,
+    boxes, category ids and the ``pasted`` flags (all 0 here)."""
     stage = RasterizeStage(out_size, out_size)
     if device == "gpu":
         polygons, vertices, labels = polygons.gpu(), vertices.gpu(), labels.gpu()
-    masks, boxes, labels = fn.python_function(polygons, vertices, labels, function=stage, num_outputs=3,
-                                              batch_processing=True, device=device)
-    return masks, boxes, labels
-
-
-def copy_paste(images, masks, boxes, labels, cfg: presets.CopyPaste, device: str, seed: int):
-    stage = CopyPasteStage(cfg, seed=seed)
-    return fn.python_function(images, masks, boxes, labels, function=stage, num_outputs=4,
+    return fn.python_function(polygons, vertices, labels, function=stage, num_outputs=4,
                               batch_processing=True, device=device)
 
 
-def padded_targets(masks, boxes, labels):
+def copy_paste(images, masks, boxes, labels, pasted, cfg: presets.CopyPaste, device: str, seed: int):
+    stage = CopyPasteStage(cfg, seed=seed)
+    return fn.python_function(images, masks, boxes, labels, pasted, function=stage, num_outputs=5,
+                              batch_processing=True, device=device)
+
+
+def padded_targets(masks, boxes, labels, pasted):
     """The PyTorch iterator wants one dense tensor per output: pad along the instance axis and report
     how many rows of each sample are real."""
     counts = fn.cast(labels.shape(), dtype=types.INT32)
     return (fn.pad(masks, axes=(0,), fill_value=0), fn.pad(boxes, axes=(0,), fill_value=0.0),
-            fn.pad(labels, axes=(0,), fill_value=-1), counts)
+            fn.pad(labels, axes=(0,), fill_value=-1), fn.pad(pasted, axes=(0,), fill_value=0), counts)

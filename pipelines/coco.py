@@ -4,7 +4,7 @@
     reader -> decode -> scale jitter (image + polygons) -> rasterised masks -> [copy-paste] -> pad
 
 Outputs, per sample: image [S, S, 3] uint8, masks [Nmax, S, S] uint8, boxes [Nmax, 4] float32 xyxy,
-category ids [Nmax] int32 (padding -1), count [1], image id [1], geometry [4] (scale, valid h, valid w,
+category ids [Nmax] int32 (padding -1), pasted flags [Nmax] uint8, count [1], image id [1], geometry [4] (scale, valid h, valid w,
 flipped). ``pipelines.iterator`` turns them into torchvision-style targets.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from nvidia.dali import pipeline_def  # noqa: E402
 
 from pipelines import blocks  # noqa: E402
 
-OUTPUTS = ("images", "masks", "boxes", "cat_ids", "counts", "image_ids", "geometry")
+OUTPUTS = ("images", "masks", "boxes", "cat_ids", "pasted", "counts", "image_ids", "geometry")
 
 
 @pipeline_def
@@ -27,12 +27,13 @@ def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePres
     jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle)
     images = blocks.decode(jpegs, device)
     images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
-    masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device)
+    masks, boxes, cat_ids, pasted = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size,
+                                                          device)
     if preset.copy_paste is not None:
-        images, masks, boxes, cat_ids = blocks.copy_paste(images, masks, boxes, cat_ids, preset.copy_paste,
-                                                          device, cp_seed)
-    masks, boxes, cat_ids, counts = blocks.padded_targets(masks, boxes, cat_ids)
-    return images, masks, boxes, cat_ids, counts, image_ids, geometry
+        images, masks, boxes, cat_ids, pasted = blocks.copy_paste(images, masks, boxes, cat_ids, pasted,
+                                                                  preset.copy_paste, device, cp_seed)
+    masks, boxes, cat_ids, pasted, counts = blocks.padded_targets(masks, boxes, cat_ids, pasted)
+    return images, masks, boxes, cat_ids, pasted, counts, image_ids, geometry
 
 
 def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8, device: str = "cpu",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dali_scp.check import checked_annotations
 from dali_scp.dataset import CocoSplit
 from dali_scp.deps import require_dali
 from pipelines import coco
@@ -21,13 +22,16 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 class CocoLoader:
     """Iterable of ``(images uint8 [B, S, S, 3], targets)``; ``targets[i]`` holds ``boxes`` [n, 4] float32
     xyxy, ``labels`` [n] int64 (contiguous, 1..C), ``masks`` [n, S, S] uint8, ``image_id`` int and
-    ``geometry`` (scale, valid h, valid w, flipped). ``epoch_size`` images per epoch of this shard."""
+    ``pasted`` [n] bool, ``geometry`` (scale, valid h, valid w, flipped). ``epoch_size`` images per epoch of this shard."""
 
     def __init__(self, pipeline: str, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
                  num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  shuffle: bool = True, out_size: int | None = None, device_id: int | None = None,
-                 annotations: str | None = None, infinite: bool = False):
+                 annotations: str | None = None, infinite: bool = False, check: bool = True):
         self.split = split
+        if annotations is None and check:
+            # a broken file must not end a long run: read the checked, filtered copy (cached)
+            annotations, self.check_report = checked_annotations(split.annotations, split.images_dir)
         self.pipe = coco.build(pipeline, split, batch_size, device, num_threads, shard_id, num_shards, seed,
                                shuffle, out_size, device_id, annotations=annotations)
         self.it = DALIGenericIterator(
@@ -58,5 +62,6 @@ def to_targets(d: dict, lut: torch.Tensor):
         ids = cat_ids[i, :n]
         targets.append(dict(
             boxes=d["boxes"][i, :n], labels=lut[ids], masks=d["masks"][i, :n], cat_ids=ids,
-            image_id=int(d["image_ids"][i].reshape(-1)[0]), geometry=d["geometry"][i]))
+            pasted=d["pasted"][i, :n].bool(), image_id=int(d["image_ids"][i].reshape(-1)[0]),
+            geometry=d["geometry"][i]))
     return images, targets

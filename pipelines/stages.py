@@ -24,7 +24,8 @@ class RasterizeStage:
         counts = [int(l.shape[0]) for l in labels]
         masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, xp)
         labels = [xp.ascontiguousarray(l.reshape(-1)[k]).astype(xp.int32) for l, k in zip(labels, kept)]
-        return masks, boxes, labels
+        pasted = [xp.zeros(k.shape[0], dtype=xp.uint8) for k in kept]
+        return masks, boxes, labels, pasted
 
 
 class CopyPasteStage:
@@ -35,10 +36,11 @@ class CopyPasteStage:
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, images, masks, boxes, labels):
+    def __call__(self, images, masks, boxes, labels, pasted):
         if len(images) < 2 and not CopyPasteStage._warned_single:
             log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")
             CopyPasteStage._warned_single = True
         choices = draw_choices(self.rng, [m.shape[0] for m in masks], self.cfg)
         xp = xpm.get_xp(*images)
+        del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
         return copy_paste(images, masks, boxes, [l.reshape(-1) for l in labels], choices, self.cfg, xp)
