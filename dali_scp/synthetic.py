@@ -42,12 +42,11 @@ MAX_OBJECTS = 30
 
 
 def palette() -> np.ndarray:
-    """32 saturated colours, pairwise L-inf distance >= ~80, so JPEG and resampling keep them apart."""
-    cols = []
-    for value in (1.0, 0.66):
-        for k in range(16):
-            r, g, b = colorsys.hsv_to_rgb(k / 16.0, 1.0, value)
-            cols.append((int(r * 255), int(g * 255), int(b * 255)))
+    """Saturated colours on a 4-level grid, pairwise L-inf distance >= 85, each with a channel at 0 or
+    255 (>= 60 from any background pixel), black excluded (it is the padding colour)."""
+    levels = (0, 85, 170, 255)
+    cols = [(r, g, b) for r in levels for g in levels for b in levels
+            if {0, 255} & {r, g, b} and (r, g, b) != (0, 0, 0)]
     return np.array(cols, dtype=np.uint8)
 
 
@@ -122,7 +121,7 @@ def make_image(rng: np.random.Generator, img_id: int):
             continue
         placed.append(box)
         colour = PALETTE[colours[len(anns)]]
-        shade = rng.uniform(-8, 8)
+        shade = rng.uniform(-4, 4)
         fill = tuple(int(np.clip(c + shade, 0, 255)) for c in colour)
         for p in parts:
             draw.polygon([tuple(v) for v in p], fill=fill)
