@@ -1,0 +1,192 @@
+"""Copy-paste semantics (mmdetection's CopyPaste) on the pure NumPy function, and end to end."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dali_scp.copy_paste import Choices, copy_paste, derangement, draw_choices
+from dali_scp.presets import CopyPaste
+
+CFG = CopyPaste()
+
+
+def full_box_masks(boxes, h, w):
+    m = np.zeros((len(boxes), h, w), np.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes).astype(int)):
+        m[i, y0:y1, x0:x1] = 1
+    return m
+
+
+def tight(mask):
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_mmdetection_scenario():
+    """mmdetection's unit test: all three source objects pasted, the second destination object is
+    covered completely and dropped, the first loses area but stays."""
+    w, h = 400, 300
+    scale = np.array([w, h, w, h])
+    dst_boxes = np.array([[0.2, 0.2, 0.4, 0.4], [0.5, 0.5, 0.6, 0.6]]) * scale
+    src_boxes = np.array([[0.1, 0.1, 0.3, 0.5], [0.4, 0.4, 0.7, 0.7], [0.8, 0.8, 0.9, 0.9]]) * scale
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(2)]
+    masks = [full_box_masks(dst_boxes, h, w), full_box_masks(src_boxes, h, w)]
+    boxes = [dst_boxes.astype(np.float32), src_boxes.astype(np.float32)]
+    labels = [np.array([1, 2]), np.array([3, 4, 5])]
+    ch = Choices(src=np.array([1, 0]), picks=[np.array([0, 1, 2]), np.zeros(0, int)])
+    oi, om, ob, ol, op = copy_paste(imgs, masks, boxes, labels, ch, CFG)
+    assert len(om[0]) == len(ob[0]) == len(ol[0]) == 4
+    assert ol[0].tolist() == [1, 3, 4, 5] and op[0].tolist() == [0, 1, 1, 1]
+    assert om[0][0].sum() < masks[0][0].sum()
+    assert ob[0][0].tolist() == [0.3 * w, 0.2 * h, 0.4 * w, 0.4 * h]
+    np.testing.assert_array_equal(ob[0][1:], src_boxes)
+    # destination 1 received nothing: unchanged
+    assert oi[1] is imgs[1] and om[1] is masks[1]
+
+
+@pytest.mark.parametrize("moved,area_px,kept", [(10, 200, True), (11, 200, False), (11, 300, False),
+                                                (11, 301, True), (30, 0, False)])
+def test_occlusion_rule_at_its_thresholds(moved, area_px, kept):
+    """Destination: a full 20 x (40 + moved) box. The source covers its first ``moved`` columns (the left
+    edge moves by exactly that) and enough interior pixels to leave ``area_px`` (the border stays, so
+    the box moves only on the left)."""
+    h = 20
+    width = 40 + moved
+    w = width + 5
+    dst = np.zeros((1, h, w), np.uint8)
+    dst[0, :, :width] = 1
+    src = np.zeros((1, h, w), np.uint8)
+    src[0, :, :moved] = 1
+    if area_px == 0:
+        src[0, :, :width] = 1
+    else:
+        interior = [(r, c) for r in range(1, h - 1) for c in range(moved + 1, width - 1)]
+        for r, c in interior[: h * 40 - area_px]:
+            src[0, r, c] = 1
+    dst_box = np.array([[0, 0, width, h]], np.float32)
+    out = copy_paste([np.zeros((h, w, 3), np.uint8)] * 2, [dst, src], [dst_box, dst_box],
+                     [np.array([1]), np.array([2])], Choices(np.array([1, 0]), [np.array([0]), np.zeros(0, int)]),
+                     CFG)
+    n_dst = int((out[4][0] == 0).sum())
+    assert n_dst == int(kept)
+    if kept:
+        assert out[1][0][0].sum() == area_px
+        assert out[2][0][0].tolist() == [moved, 0, width, h]
+
+
+@st.composite
+def batches(draw):
+    b = draw(st.integers(2, 4))
+    h, w = draw(st.integers(8, 24)), draw(st.integers(8, 24))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    imgs, masks, boxes, labels = [], [], [], []
+    for _ in range(b):
+        n = int(rng.integers(0, 6))
+        m = np.zeros((n, h, w), np.uint8)
+        for i in range(n):
+            x0, y0 = rng.integers(0, w - 1), rng.integers(0, h - 1)
+            x1, y1 = rng.integers(x0 + 1, w + 1), rng.integers(y0 + 1, h + 1)
+            m[i, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.7
+            m[i, y0, x0] = 1
+        imgs.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        masks.append(m)
+        boxes.append(np.array([tight(x) for x in m], np.float32).reshape(-1, 4))
+        labels.append(rng.integers(1, 9, n))
+    cfg = CopyPaste(bbox_occluded_thr=float(draw(st.integers(0, 6))), mask_occluded_thr=draw(st.integers(0, 40)))
+    return imgs, masks, boxes, labels, seed, cfg
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches())
+def test_copy_paste_properties(data):
+    imgs, masks, boxes, labels, seed, cfg = data
+    ch = draw_choices(np.random.default_rng(seed), [len(m) for m in masks], cfg)
+    oi, om, ob, ol, op = copy_paste(imgs, masks, boxes, labels, ch, cfg)
+    again = copy_paste(imgs, masks, boxes, labels, draw_choices(np.random.default_rng(seed), [len(m) for m in masks], cfg), cfg)
+    for b in range(len(imgs)):
+        s = int(ch.src[b])
+        assert s != b
+        picks = ch.picks[b]
+        alpha = masks[s][picks].any(0) if len(picks) else np.zeros(imgs[b].shape[:2], bool)
+        np.testing.assert_array_equal(oi[b][~alpha], imgs[b][~alpha])
+        np.testing.assert_array_equal(oi[b][alpha], imgs[s][alpha])
+        assert len(om[b]) == len(ob[b]) == len(ol[b]) == len(op[b])
+        for m, box in zip(om[b], ob[b]):
+            assert m.any()
+            assert box.tolist() == tight(m)
+        n_dst = int((op[b] == 0).sum())
+        assert not (om[b][:n_dst].astype(bool) & alpha).any()
+        # the occlusion rule, recomputed here from its definition
+        expected = []
+        for j, m in enumerate(masks[b]):
+            rem = m.astype(bool) & ~alpha
+            if not rem.any():
+                continue
+            moved = np.abs(np.array(tight(rem)) - boxes[b][j]).max()
+            if moved <= cfg.bbox_occluded_thr or rem.sum() > cfg.mask_occluded_thr:
+                expected.append(j)
+        assert n_dst == len(expected)
+        for k, j in enumerate(expected):
+            np.testing.assert_array_equal(om[b][k].astype(bool), masks[b][j].astype(bool) & ~alpha)
+            assert ol[b][k] == labels[b][j]
+        np.testing.assert_array_equal(ol[b][n_dst:], labels[s][picks])
+        np.testing.assert_array_equal(om[b][n_dst:], masks[s][picks])
+        # same seed, same result
+        for x, y in zip(again, (oi, om, ob, ol, op)):
+            np.testing.assert_array_equal(x[b], y[b])
+
+
+def test_choices_follow_the_recipe():
+    rng = np.random.default_rng(0)
+    for n in range(2, 9):
+        p = derangement(rng, n)
+        assert sorted(p.tolist()) == list(range(n)) and not np.any(p == np.arange(n))
+    ks = [len(draw_choices(rng, [3, 3], CFG).picks[0]) for _ in range(400)]
+    assert set(ks) == {0, 1, 2, 3}  # k ~ U{0..min(n, max_num_pasted)}
+    assert max(len(draw_choices(rng, [50, 50], CopyPaste(max_num_pasted=4)).picks[0]) for _ in range(100)) == 4
+    assert all(len(draw_choices(rng, [5, 5], CopyPaste(paste_prob=0.0)).picks[0]) == 0 for _ in range(20))
+    single = draw_choices(rng, [4], CFG)
+    assert single.src.tolist() == [-1] and len(single.picks[0]) == 0
+
+
+def test_blending_mixes_only_near_the_alpha_edge():
+    h, w = 40, 40
+    src_img, dst_img = np.full((h, w, 3), 200, np.uint8), np.full((h, w, 3), 0, np.uint8)
+    src_m = np.zeros((1, h, w), np.uint8)
+    src_m[0, 10:30, 10:30] = 1
+    out = copy_paste([dst_img, src_img], [np.zeros((0, h, w), np.uint8), src_m],
+                     [np.zeros((0, 4), np.float32), np.array([[10, 10, 30, 30]], np.float32)],
+                     [np.zeros(0, int), np.array([1])], Choices(np.array([1, 0]), [np.array([0]), np.zeros(0, int)]),
+                     CopyPaste(blend_sigma=2.0))[0][0]
+    assert 190 <= out[20, 20, 0] <= 200 and out[0, 0, 0] == 0
+    assert 20 < out[20, 10, 0] < 180  # the edge is blended
+
+
+def test_ssj_scp_pastes_objects_where_their_masks_say(syn_train, syn_ann):
+    """Every object of a ssj_scp batch - kept or pasted - shows its own colour under its mask, and the
+    pasted ones cover their colour's pixels (independent of the pipeline's own bookkeeping)."""
+    from geometry_truth import dominant_colour, iou, object_pixels
+    from dali_scp.synthetic import PALETTE
+    from dali_scp.presets import pipeline_preset
+    from pipelines.iterator import CocoLoader
+    loader = CocoLoader(pipeline_preset("ssj_scp", out_size=384), syn_train, batch_size=6, seed=4)
+    images, targets = next(iter(loader))
+    n_pasted = checked = 0
+    for img, t in zip(images.numpy(), targets):
+        masks, pasted = t["masks"].numpy(), t["pasted"].numpy()
+        n_pasted += int(pasted.sum())
+        for m, p in zip(masks, pasted):
+            if m.sum() < 64:
+                continue
+            c = dominant_colour(img, m)
+            dist = np.abs(PALETTE.astype(int) - c).max(1)
+            assert dist.min() <= 36, "pixels under a mask are not an object's colour: misplaced"
+            if p and m.sum() >= 48 * 48:
+                truth = object_pixels(img, PALETTE[dist.argmin()])
+                ys, xs = np.nonzero(m)
+                win = (slice(max(ys.min() - 4, 0), ys.max() + 5), slice(max(xs.min() - 4, 0), xs.max() + 5))
+                assert iou(m[win], truth[win]) >= 0.9
+                checked += 1
+    assert n_pasted > 0 and checked > 0
