@@ -85,6 +85,10 @@ class Recipe:
     norm: str = "SyncBN"
     backbone: str = "resnet50"
     trainable_layers: int = 5
+    fpn_channels: int = 256        # torchvision / mmdetection defaults below; only `demo` shrinks them
+    head_channels: int = 256
+    rpn_post_nms_train: int = 2000
+    rois_per_image: int = 512
     eval_resize: EvalResize = field(default_factory=EvalResize)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -105,10 +109,11 @@ for _pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):
 
 # The embedded default: minutes on a 2-core CPU, same code path as the real recipes.
 RECIPES["demo"] = Recipe(
-    name="demo", pipeline="ssj_scp", max_iters=60, lr=0.02, total_batch=2, image_size=320,
-    warmup_iters=10, warmup_factor=0.1, steps=(45,), norm="BN", backbone="resnet18", trainable_layers=5,
-    eval_resize=EvalResize(max_long=320, max_short=320, pad_divisor=32), checkpoint_every=20,
-    keep_checkpoints=2, log_every=5, weight_decay=1e-4,
+    name="demo", pipeline="ssj_scp", max_iters=200, lr=0.02, total_batch=4, image_size=256,
+    warmup_iters=20, warmup_factor=0.1, steps=(160,), norm="BN", backbone="resnet18", trainable_layers=5,
+    fpn_channels=64, head_channels=64, rpn_post_nms_train=300, rois_per_image=128,
+    eval_resize=EvalResize(max_long=256, max_short=256, pad_divisor=32), checkpoint_every=50,
+    keep_checkpoints=2, log_every=20, weight_decay=1e-4,
 )
 
 

@@ -82,6 +82,20 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
     return images, vertices, geometry
 
 
+def fit_resize(jpegs, images, cfg: presets.EvalResize):
+    """Test-time geometry: resize keeping aspect to fit max_long x max_short, pad bottom/right to the
+    batch's largest size rounded up to ``pad_divisor``. Returns images, geometry (scale, valid h,
+    valid w, 0) and the original (h, w)."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
+    h, w = shape[0], shape[1]
+    r = _fit_scale(h, w, float(cfg.max_long), float(cfg.max_short))
+    oh = dmath.max(dmath.floor(h * r + 0.5), 1.0)
+    ow = dmath.max(dmath.floor(w * r + 0.5), 1.0)
+    images = fn.resize(images, size=fn.stack(oh, ow), interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.pad(images, axis_names="HW", align=[cfg.pad_divisor, cfg.pad_divisor])
+    return images, fn.stack(r, oh, ow, 0.0 * r), fn.stack(h, w)
+
+
 def instance_masks(polygons, vertices, labels, out_size: int, device: str):
     """Rasterise every instance at the output resolution; drop those cropped away. Returns masks,
     boxes, category ids and the ``pasted`` flags (all 0 here)."""
@@ -92,8 +106,9 @@ def instance_masks(polygons, vertices, labels, out_size: int, device: str):
                               batch_processing=True, device=device)
 
 
-def copy_paste(images, masks, boxes, labels, pasted, cfg: presets.CopyPaste, device: str, seed: int):
-    stage = CopyPasteStage(cfg, seed=seed)
+def copy_paste(images, masks, boxes, labels, pasted, cfg: presets.CopyPaste, device: str, seed: int,
+               start_batch: int = 0):
+    stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch)
     return fn.python_function(images, masks, boxes, labels, pasted, function=stage, num_outputs=5,
                               batch_processing=True, device=device)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dali_scp.dataset import CocoSplit
 from dali_scp.deps import require_dali
-from dali_scp.presets import PipelinePreset, pipeline_preset
+from dali_scp.presets import EvalResize, PipelinePreset, pipeline_preset
 
 require_dali()
 from nvidia.dali import pipeline_def  # noqa: E402
@@ -23,7 +23,7 @@ OUTPUTS = ("images", "masks", "boxes", "cat_ids", "pasted", "counts", "image_ids
 
 @pipeline_def
 def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePreset, device: str,
-                                   shard_id: int, num_shards: int, shuffle: bool, cp_seed: int):
+                                   shard_id: int, num_shards: int, shuffle: bool, cp_seed: int, start_batch: int = 0):
     jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle)
     images = blocks.decode(jpegs, device)
     images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
@@ -31,18 +31,41 @@ def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePres
                                                           device)
     if preset.copy_paste is not None:
         images, masks, boxes, cat_ids, pasted = blocks.copy_paste(images, masks, boxes, cat_ids, pasted,
-                                                                  preset.copy_paste, device, cp_seed)
+                                                                  preset.copy_paste, device, cp_seed, start_batch)
     masks, boxes, cat_ids, pasted, counts = blocks.padded_targets(masks, boxes, cat_ids, pasted)
     return images, masks, boxes, cat_ids, pasted, counts, image_ids, geometry
+
+
+EVAL_OUTPUTS = ("images", "image_ids", "geometry", "orig_size")
+
+
+@pipeline_def
+def evaluation_pipeline(files: blocks.CocoFiles, resize: EvalResize, device: str, shard_id: int, num_shards: int):
+    jpegs, _, _, _, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle=False)
+    images = blocks.decode(jpegs, device)
+    images, geometry, orig_size = blocks.fit_resize(jpegs, images, resize)
+    return images, image_ids, geometry, orig_size
+
+
+def build_eval(split: CocoSplit, resize: EvalResize, batch_size: int = 4, device: str = "cpu",
+               num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, device_id: int | None = None,
+               annotations: str | None = None):
+    files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
+    pipe = evaluation_pipeline(files=files, resize=resize, device=device, shard_id=shard_id, num_shards=num_shards,
+                               batch_size=batch_size, num_threads=num_threads,
+                               device_id=(device_id or 0) if device == "gpu" else None)
+    pipe.build()
+    return pipe
 
 
 def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
           num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True,
           out_size: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
-          annotations: str | None = None):
+          annotations: str | None = None, checkpoint: str | None = None, start_batch: int = 0):
     """Build (not yet run) a pipeline. ``seed`` fixes every random choice, so the same seed gives the
     same batches; each shard gets its own copy-paste stream. ``annotations`` overrides the JSON the
-    reader uses (the dataset check passes its filtered copy)."""
+    reader uses (the dataset check passes its filtered copy). ``checkpoint`` (from
+    ``CocoLoader.state()``) and ``start_batch`` resume the exact data stream of an interrupted run."""
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -51,8 +74,8 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
     files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
     pipe = instance_segmentation_pipeline(
         files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-        cp_seed=seed * 1000 + shard_id, batch_size=batch_size, num_threads=num_threads,
+        cp_seed=seed * 1000 + shard_id, start_batch=start_batch, batch_size=batch_size, num_threads=num_threads,
         device_id=device_id if device == "gpu" else None, seed=seed * 1000 + shard_id + 1,
-        prefetch_queue_depth=prefetch_queue_depth)
+        prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()
     return pipe

@@ -27,19 +27,25 @@ class CocoLoader:
     def __init__(self, pipeline: str, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
                  num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  shuffle: bool = True, out_size: int | None = None, device_id: int | None = None,
-                 annotations: str | None = None, infinite: bool = False, check: bool = True):
+                 annotations: str | None = None, infinite: bool = False, check: bool = True,
+                 checkpoint: str | None = None, start_batch: int = 0):
         self.split = split
         if annotations is None and check:
             # a broken file must not end a long run: read the checked, filtered copy (cached)
             annotations, self.check_report = checked_annotations(split.annotations, split.images_dir)
         self.pipe = coco.build(pipeline, split, batch_size, device, num_threads, shard_id, num_shards, seed,
-                               shuffle, out_size, device_id, annotations=annotations)
+                               shuffle, out_size, device_id, annotations=annotations, checkpoint=checkpoint,
+                               start_batch=start_batch)
         self.it = DALIGenericIterator(
             [self.pipe], list(coco.OUTPUTS), reader_name=coco.blocks.READER_NAME, auto_reset=True,
             last_batch_policy=LastBatchPolicy.DROP if shuffle else LastBatchPolicy.PARTIAL)
         self.infinite = infinite
         self._lut = torch.as_tensor(split.cat_to_label_table())
         self.batch_size = batch_size
+
+    def state(self) -> str:
+        """DALI's checkpoint of the data stream (readers, random operators) after the last batch taken."""
+        return self.it.checkpoints()[0]
 
     def __len__(self):
         return len(self.it)

@@ -29,18 +29,25 @@ class RasterizeStage:
 
 
 class CopyPasteStage:
-    """Draws the pairing and selection, then calls the pure ``copy_paste``."""
+    """Draws the pairing and selection, then calls the pure ``copy_paste``.
+
+    The random stream of batch k is ``default_rng([seed, k])``, not one long stream: a resumed run
+    (DALI restores its own readers and random operators from a checkpoint) only has to tell the stage
+    which batch comes next (``start_batch``) to continue exactly where it stopped."""
     _warned_single = False
 
-    def __init__(self, cfg: CopyPaste, seed: int = 0):
+    def __init__(self, cfg: CopyPaste, seed: int = 0, start_batch: int = 0):
         self.cfg = cfg
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.batch = start_batch
 
     def __call__(self, images, masks, boxes, labels, pasted):
         if len(images) < 2 and not CopyPasteStage._warned_single:
             log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")
             CopyPasteStage._warned_single = True
-        choices = draw_choices(self.rng, [m.shape[0] for m in masks], self.cfg)
+        rng = np.random.default_rng([self.seed, self.batch])
+        self.batch += 1
+        choices = draw_choices(rng, [m.shape[0] for m in masks], self.cfg)
         xp = xpm.get_xp(*images)
         del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
         return copy_paste(images, masks, boxes, [l.reshape(-1) for l in labels], choices, self.cfg, xp)

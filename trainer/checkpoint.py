@@ -1,0 +1,60 @@
+"""Checkpoints that survive a kill at any instant: written to a temp file, fsynced, then renamed.
+
+Why: a 90k-iteration run killed while saving must still find its previous checkpoint intact, and a
+resumed run must continue bit-for-bit where it stopped (model, optimiser, scheduler, AMP scaler, RNG
+states, DALI data-stream state, iteration)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+PATTERN = re.compile(r"^ckpt_(\d{8})\.pth$")
+
+
+def save_atomic(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if PATTERN.match(p.name))
+
+
+def latest(run_dir: Path) -> Path | None:
+    c = checkpoints(run_dir)
+    return c[-1] if c else None
+
+
+def save(run_dir: Path, iteration: int, state: dict, keep: int) -> Path:
+    path = Path(run_dir) / f"ckpt_{iteration:08d}.pth"
+    save_atomic(state, path)
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e

@@ -1,0 +1,274 @@
+"""COCO evaluation: box AP and mask AP with pycocotools' COCOeval, the numbers of the target table.
+
+    python -m trainer.evaluate --checkpoint RUN/ckpt_00090000.pth [--coco-root DIR] [--split val2017]
+    python -m trainer.evaluate --results results.json [--coco-root DIR]   # score results from elsewhere
+
+Images go through a DALI evaluation pipeline (decode, resize keeping aspect as the recipe says -
+mmdetection tests at 1333x800 - pad, no augmentation). Boxes are mapped back to the original image,
+masks are pasted back at the original resolution and thresholded at 0.5, RLE-encoded, labels mapped
+back to the dataset's category ids. Under torchrun every rank scores its shard of the images and rank 0
+gathers and scores; each image is scored exactly once.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from dali_scp import dataset as ds
+from trainer import distributed as dist_utils
+
+log = logging.getLogger("evaluate")
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+# ---------------------------------------------------------------- results
+def detections_to_results(image_id: int, det: dict, label_to_cat: np.ndarray, with_masks: bool = True) -> list:
+    """One image's detections at the *original* resolution (boxes xyxy, scores, contiguous labels,
+    masks [N, 1, H, W] probabilities) -> COCO result entries (bbox xywh, RLE segmentation)."""
+    boxes = det["boxes"].detach().cpu().numpy().astype(np.float64)
+    scores = det["scores"].detach().cpu().numpy()
+    cats = label_to_cat[det["labels"].detach().cpu().numpy()]
+    rles = []
+    if with_masks and "masks" in det and len(boxes):
+        m = (det["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0)))
+    out = []
+    for i in range(len(boxes)):
+        x0, y0, x1, y1 = boxes[i]
+        r = dict(image_id=int(image_id), category_id=int(cats[i]), score=round(float(scores[i]), 5),
+                 bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)])
+        if rles:
+            seg = dict(rles[i])
+            seg["counts"] = seg["counts"].decode("ascii")
+            r["segmentation"] = seg
+        out.append(r)
+    return out
+
+
+def validate_results(results, gt: COCO, source: str = "results") -> None:
+    """Clear errors naming the entry, instead of a KeyError inside pycocotools."""
+    if not isinstance(results, list):
+        raise ValueError(f"{source}: expected a JSON list of result entries, got {type(results).__name__}")
+    imgs, cats = gt.imgs, set(gt.getCatIds())
+    for i, r in enumerate(results):
+        where = f"{source}: entry {i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: not an object")
+        iid = r.get("image_id")
+        if not isinstance(iid, int) or isinstance(iid, bool):
+            raise ValueError(f"{where}: image_id {iid!r} is not an integer")
+        if iid not in imgs:
+            raise ValueError(f"{where}: image_id {iid} is not in the ground truth")
+        where += f" (image {iid})"
+        if r.get("category_id") not in cats:
+            raise ValueError(f"{where}: category_id {r.get('category_id')!r} is not in the ground truth")
+        s = r.get("score")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not np.isfinite(s):
+            raise ValueError(f"{where}: score {s!r} is not a finite number")
+        if "bbox" in r:
+            b = r["bbox"]
+            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)) or b[2] < 0 or b[3] < 0:
+                raise ValueError(f"{where}: bbox {b!r} is not [x, y, w, h] with w, h >= 0")
+        if "segmentation" in r:
+            seg = r["segmentation"]
+            h, w = imgs[iid]["height"], imgs[iid]["width"]
+            if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
+                raise ValueError(f"{where}: segmentation is not an RLE dict with 'size' and 'counts'")
+            if list(seg["size"]) != [h, w]:
+                raise ValueError(f"{where}: RLE size {seg['size']} differs from the image's [{h}, {w}]")
+            try:
+                rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
+                if isinstance(rle["counts"], list):
+                    rle = mask_utils.frPyObjects(rle, h, w)
+                area = float(mask_utils.area(rle))
+            except Exception as e:
+                raise ValueError(f"{where}: malformed RLE ({e})") from e
+            if area > h * w:
+                raise ValueError(f"{where}: malformed RLE (decodes to more pixels than the image has)")
+        if "bbox" not in r and "segmentation" not in r:
+            raise ValueError(f"{where}: has neither bbox nor segmentation")
+
+
+def score(gt: COCO, results: list, iou_types=("bbox", "segm"), verbose: bool = False) -> dict:
+    """COCOeval per type; returns {type: {stat name: value}}. Each type gets its own copy of the
+    results (segm without bbox, so mask areas define small/medium/large, as detectron2 does)."""
+    metrics = {}
+    for t in iou_types:
+        key = "bbox" if t == "bbox" else "segmentation"
+        res = [dict(r) for r in results if key in r]
+        if not res:
+            continue
+        if t == "segm":
+            for r in res:
+                r.pop("bbox", None)
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink if not verbose else sys.stdout):
+            dt = gt.loadRes(res)
+            ev = COCOeval(gt, dt, t)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        metrics[t] = {n: float(v) for n, v in zip(STAT_NAMES, ev.stats)}
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    head = f"{'':6s}" + "".join(f"{n:>7s}" for n in STAT_NAMES)
+    rows = [head] + [f"{t:6s}" + "".join(f"{100 * m[n]:7.1f}" for n in STAT_NAMES) for t, m in metrics.items()]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- model inference
+@torch.no_grad()
+def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size: int = 4,
+            d: dist_utils.Dist | None = None, progress: bool = True, annotations: str | None = None) -> list:
+    """This rank's COCO results for its shard of ``split``."""
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    from pipelines import coco
+    d = d or dist_utils.Dist()
+    pipe_dev = "gpu" if device == "cuda" else "cpu"
+    pipe = coco.build_eval(split, resize, batch_size, pipe_dev, shard_id=d.rank, num_shards=d.world_size,
+                           device_id=d.local_rank, annotations=annotations)
+    it = DALIGenericIterator([pipe], list(coco.EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
+                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+    l2c = split.label_to_cat()
+    model.eval()
+    results = []
+    for data in tqdm(it, total=len(it), desc="evaluating", unit="batch", disable=not progress, leave=False):
+        data = data[0]
+        images = data["images"].to(device)
+        geo, orig = data["geometry"].cpu(), data["orig_size"].cpu()
+        imgs = [images[i, : int(geo[i, 1]), : int(geo[i, 2])].permute(2, 0, 1) for i in range(len(images))]
+        dets = inference(model, imgs, [(int(h), int(w)) for h, w in orig.tolist()])
+        for i, det in enumerate(dets):
+            results += detections_to_results(int(data["image_ids"][i].reshape(-1)[0]), det, l2c)
+    return results
+
+
+def inference(model, images: list, original_sizes: list) -> list:
+    """torchvision's Mask R-CNN forward, except that postprocessing maps boxes and pastes masks into the
+    *original* image size (the pipeline's resize is undone here, not by a second resize)."""
+    m = model.module if hasattr(model, "module") else model
+    image_list, _ = m.transform(images)
+    features = m.backbone(image_list.tensors)
+    proposals, _ = m.rpn(image_list, features)
+    detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
+    return m.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: int, d: dist_utils.Dist,
+                   out_dir: Path | None = None, progress: bool = True) -> dict | None:
+    """Distributed-aware: returns the metrics on rank 0, None elsewhere."""
+    from dali_scp.check import checked_annotations
+    ann, _ = checked_annotations(split.annotations, split.images_dir, progress=progress)
+    mine = predict(model, split, resize, device, batch_size, d, progress and d.is_main, annotations=str(ann))
+    gathered = dist_utils.gather_objects(d, mine)
+    if not d.is_main:
+        return None
+    results = merge_rank_results(gathered)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(split.annotations))
+    metrics = score(gt, results) if results else {t: {n: 0.0 for n in STAT_NAMES} for t in ("bbox", "segm")}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from dali_scp.check import _atomic_write
+        _atomic_write(out_dir / "results.json", json.dumps(results))
+        _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def merge_rank_results(per_rank: list) -> list:
+    """Concatenate the ranks' results; an image that two ranks scored (DALI pads the last batch of a
+    shard by repeating a sample) is kept from the first rank only, so every image counts once."""
+    seen, out = {}, []
+    for rank, res in enumerate(per_rank):
+        for r in res:
+            owner = seen.setdefault(r["image_id"], rank)
+            if owner == rank:
+                out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+def load_model_from_checkpoint(path: str, num_classes: int | None = None):
+    from dali_scp.presets import Recipe, EvalResize
+    from trainer import checkpoint as ckpt
+    from trainer.model import build_model
+    state = ckpt.load(Path(path))
+    if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
+        raise ValueError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe')")
+    rd = dict(state["recipe"])
+    rd["eval_resize"] = EvalResize(**rd["eval_resize"])
+    rd["steps"] = tuple(rd["steps"])
+    recipe = Recipe(**rd)
+    n = state.get("num_classes", num_classes)
+    model = build_model(recipe, n)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: checkpoint does not match the model built from its recipe "
+                         f"({recipe.name}, {recipe.backbone}, {n} classes): {str(e).splitlines()[0]} ...") from e
+    return model, recipe, state
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint written by trainer.run")
+    src.add_argument("--results", help="an existing COCO results JSON to score (no model)")
+    p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
+    p.add_argument("--split", default="val2017")
+    p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch per process")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    split = ds.resolve(a.coco_root, a.split)
+    try:
+        if a.results:
+            with contextlib.redirect_stdout(io.StringIO()):
+                gt = COCO(str(split.annotations))
+            try:
+                results = json.loads(Path(a.results).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{a.results}: cannot read results JSON ({e})") from e
+            validate_results(results, gt, a.results)
+            metrics = score(gt, results)
+            if a.out:
+                Path(a.out).mkdir(parents=True, exist_ok=True)
+                (Path(a.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            print(format_table(metrics))
+            return 0
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        d = dist_utils.init(device)
+        model, recipe, _ = load_model_from_checkpoint(a.checkpoint)
+        model.to(device)
+        out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
+        metrics = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
+        if d.is_main:
+            print(format_table(metrics))
+            print(f"results and metrics written to {out}")
+        dist_utils.cleanup(d)
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

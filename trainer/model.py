@@ -1,0 +1,103 @@
+"""Mask R-CNN in the shape of the seed configs (mmdetection ``mask-rcnn_r50_fpn`` with SyncBN, RPN of 2
+convs, 4conv1fc box head and 4-conv mask head, both normalised): torchvision's ``maskrcnn_resnet50_fpn_v2``
+layout, with the backbone's norm layers trainable and converted to SyncBN under DDP.
+
+Why a custom transform: the DALI pipeline already resized and padded every image; torchvision's
+``GeneralizedRCNNTransform`` would resize again (and resample the masks). Ours only normalises uint8
+pixels once, on the device, and batches - no second resize.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead, _default_anchorgen
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from dali_scp.presets import Recipe
+
+log = logging.getLogger(__name__)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PipelineTransform(GeneralizedRCNNTransform):
+    """Normalise and batch, never resize (the input pipeline owns geometry)."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+    def normalize(self, image):
+        if image.dtype == torch.uint8:
+            image = image.float().div_(255.0)
+        return super().normalize(image)
+
+
+def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None = None) -> MaskRCNN:
+    norm = nn.BatchNorm2d
+    trunk = {"resnet50": resnet50, "resnet18": resnet18}[recipe.backbone](weights=None, norm_layer=norm)
+    if backbone_weights:
+        load_backbone_weights(trunk, backbone_weights)
+    backbone = fpn_backbone(trunk, recipe.trainable_layers, recipe.fpn_channels, norm)
+    anchors = _default_anchorgen()
+    hc = recipe.head_channels
+    model = MaskRCNN(
+        backbone, num_classes=None, rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+        box_head=FastRCNNConvFCHead((backbone.out_channels, 7, 7), [hc] * 4, [4 * hc], norm_layer=norm),
+        mask_head=MaskRCNNHeads(backbone.out_channels, [hc] * 4, 1, norm_layer=norm),
+        mask_predictor=MaskRCNNPredictor(hc, hc, num_classes),
+        box_predictor=FastRCNNPredictor(4 * hc, num_classes),
+        rpn_post_nms_top_n_train=recipe.rpn_post_nms_train, box_batch_size_per_image=recipe.rois_per_image,
+        min_size=recipe.image_size, max_size=recipe.image_size)
+    model.transform = PipelineTransform(recipe.image_size, recipe.image_size, IMAGENET_MEAN, IMAGENET_STD,
+                                        size_divisible=32)
+    return model
+
+
+def fpn_backbone(trunk, trainable_layers: int, out_channels: int, norm) -> BackboneWithFPN:
+    """torchvision's ``_resnet_fpn_extractor`` with the FPN width as a parameter (256 in every recipe
+    but ``demo``)."""
+    layers = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers.append("bn1")
+    for name, p in trunk.named_parameters():
+        if all(not name.startswith(layer) for layer in layers):
+            p.requires_grad_(False)
+    in_ch = trunk.inplanes // 8
+    return BackboneWithFPN(trunk, {f"layer{k}": str(k - 1) for k in range(1, 5)},
+                           [in_ch * 2 ** i for i in range(4)], out_channels, extra_blocks=LastLevelMaxPool(),
+                           norm_layer=norm)
+
+
+def load_backbone_weights(trunk: nn.Module, path: str) -> None:
+    """A local ImageNet checkpoint (torchvision's ``resnet50-*.pth`` or a dict with ``state_dict``);
+    never downloaded."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--backbone-weights {path}: file not found (weights are never downloaded; "
+                                "pass a local torchvision ResNet checkpoint)")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()}
+    missing, unexpected = trunk.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing:
+        raise ValueError(f"--backbone-weights {path}: not a matching ResNet checkpoint; missing {missing[:5]}...")
+    log.info("loaded backbone weights from %s (%d tensors ignored: %s)", path, len(unexpected), unexpected[:3])
+
+
+def to_model_inputs(images: torch.Tensor, targets=None):
+    """uint8 [B, H, W, 3] from the pipeline -> list of [3, H, W] (normalised inside the model)."""
+    imgs = list(images.permute(0, 3, 1, 2))
+    if targets is None:
+        return imgs
+    t = [dict(boxes=x["boxes"].float(), labels=x["labels"].long(), masks=x["masks"]) for x in targets]
+    return imgs, t
