@@ -88,17 +88,43 @@ def validate_results(results, gt: COCO, source: str = "results") -> None:
                 raise ValueError(f"{where}: segmentation is not an RLE dict with 'size' and 'counts'")
             if list(seg["size"]) != [h, w]:
                 raise ValueError(f"{where}: RLE size {seg['size']} differs from the image's [{h}, {w}]")
+            counts = seg["counts"]
             try:
-                rle = dict(seg, counts=seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"])
-                if isinstance(rle["counts"], list):
-                    rle = mask_utils.frPyObjects(rle, h, w)
-                area = float(mask_utils.area(rle))
-            except Exception as e:
+                runs = counts if isinstance(counts, list) else rle_runs(counts)
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"{where}: malformed RLE ({e})") from e
-            if area > h * w:
-                raise ValueError(f"{where}: malformed RLE (decodes to more pixels than the image has)")
+            if any((not isinstance(x, int)) or x < 0 for x in runs) or sum(runs) != h * w:
+                raise ValueError(f"{where}: malformed RLE (runs cover {sum(runs) if runs else 0} pixels, "
+                                 f"the image has {h * w})")
         if "bbox" not in r and "segmentation" not in r:
             raise ValueError(f"{where}: has neither bbox nor segmentation")
+
+
+def rle_runs(counts: str) -> list:
+    """Decode COCO's compressed RLE string into run lengths (the format pycocotools writes), so a broken
+    string is reported instead of silently decoding to garbage."""
+    if not isinstance(counts, str):
+        raise TypeError(f"counts must be a string or a list, not {type(counts).__name__}")
+    runs, p = [], 0
+    while p < len(counts):
+        x = k = 0
+        more = True
+        while more:
+            if p >= len(counts):
+                raise ValueError("truncated counts string")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"invalid character {counts[p]!r} in counts")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
 
 
 def score(gt: COCO, results: list, iou_types=("bbox", "segm"), verbose: bool = False) -> dict:
@@ -134,7 +160,7 @@ def format_table(metrics: dict) -> str:
 @torch.no_grad()
 def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size: int = 4,
             d: dist_utils.Dist | None = None, progress: bool = True, annotations: str | None = None) -> list:
-    """This rank's COCO results for its shard of ``split``."""
+    """This rank's COCO results for its shard of ``split``, and the ids of the images it scored."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
     from pipelines import coco
@@ -146,7 +172,7 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
                              last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
     l2c = split.label_to_cat()
     model.eval()
-    results = []
+    results, scored = [], []
     for data in tqdm(it, total=len(it), desc="evaluating", unit="batch", disable=not progress, leave=False):
         data = data[0]
         images = data["images"].to(device)
@@ -154,8 +180,10 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
         imgs = [images[i, : int(geo[i, 1]), : int(geo[i, 2])].permute(2, 0, 1) for i in range(len(images))]
         dets = inference(model, imgs, [(int(h), int(w)) for h, w in orig.tolist()])
         for i, det in enumerate(dets):
-            results += detections_to_results(int(data["image_ids"][i].reshape(-1)[0]), det, l2c)
-    return results
+            iid = int(data["image_ids"][i].reshape(-1)[0])
+            scored.append(iid)
+            results += detections_to_results(iid, det, l2c)
+    return results, scored
 
 
 def inference(model, images: list, original_sizes: list) -> list:
@@ -170,17 +198,21 @@ def inference(model, images: list, original_sizes: list) -> list:
 
 
 def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: int, d: dist_utils.Dist,
-                   out_dir: Path | None = None, progress: bool = True) -> dict | None:
-    """Distributed-aware: returns the metrics on rank 0, None elsewhere."""
+                   out_dir: Path | None = None, progress: bool = True):
+    """Distributed-aware: returns (metrics, ids of the scored images) on rank 0, (None, None) elsewhere.
+    Fails loudly if an image of the split was not scored exactly once."""
     from dali_scp.check import checked_annotations
     ann, _ = checked_annotations(split.annotations, split.images_dir, progress=progress)
     mine = predict(model, split, resize, device, batch_size, d, progress and d.is_main, annotations=str(ann))
     gathered = dist_utils.gather_objects(d, mine)
     if not d.is_main:
-        return None
-    results = merge_rank_results(gathered)
+        return None, None
+    results, scored = merge_rank_results(gathered)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(split.annotations))
+    expected = {im["id"] for im in json.loads(Path(ann).read_text())["images"]}
+    if sorted(scored) != sorted(expected):
+        raise RuntimeError(f"evaluation scored {len(scored)} images, expected each of {len(expected)} once")
     metrics = score(gt, results) if results else {t: {n: 0.0 for n in STAT_NAMES} for t in ("bbox", "segm")}
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -188,19 +220,18 @@ def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: 
         from dali_scp.check import _atomic_write
         _atomic_write(out_dir / "results.json", json.dumps(results))
         _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    return metrics
+    return metrics, scored
 
 
-def merge_rank_results(per_rank: list) -> list:
-    """Concatenate the ranks' results; an image that two ranks scored (DALI pads the last batch of a
-    shard by repeating a sample) is kept from the first rank only, so every image counts once."""
-    seen, out = {}, []
-    for rank, res in enumerate(per_rank):
-        for r in res:
-            owner = seen.setdefault(r["image_id"], rank)
-            if owner == rank:
-                out.append(r)
-    return out
+def merge_rank_results(per_rank: list):
+    """Concatenate the ranks' (results, scored ids); an image that two ranks scored is kept from the
+    first rank only, so every image counts once. Returns (results, scored ids)."""
+    owner = {}
+    for rank, (_, ids) in enumerate(per_rank):
+        for i in ids:
+            owner.setdefault(i, rank)
+    results = [r for rank, (res, _) in enumerate(per_rank) for r in res if owner[r["image_id"]] == rank]
+    return results, sorted(owner)
 
 
 # ---------------------------------------------------------------- CLI
@@ -259,7 +290,7 @@ def main(argv=None) -> int:
         model, recipe, _ = load_model_from_checkpoint(a.checkpoint)
         model.to(device)
         out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
-        metrics = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
+        metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
         if d.is_main:
             print(format_table(metrics))
             print(f"results and metrics written to {out}")

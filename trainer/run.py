@@ -13,6 +13,7 @@ AMP scaler, RNG and the DALI data stream).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -58,8 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads per process (default: cores / procs)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="override the recipe's checkpoint interval")
     p.add_argument("--record-image-ids", action="store_true",
-                   help="write the image ids each rank trained on to rank<R>_images.json (debugging)")
+                   help="write the image ids each rank trained on and a digest of its final weights to "
+                        "rank<R>_debug.json (checks sharding and DDP sync)")
     return p.parse_args(argv)
 
 
@@ -126,6 +129,8 @@ def train(a) -> dict:
     if a.resume and ckpt.latest(run_dir) is None:
         raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
     max_iters = a.max_iters or r.max_iters
+    if a.checkpoint_every:
+        r = replace(r, checkpoint_every=a.checkpoint_every)
     per_proc = a.batch_size or max(r.total_batch // d.world_size, 1)
     total = per_proc * d.world_size
     lr = r.lr * total / r.total_batch
@@ -213,7 +218,7 @@ def train(a) -> dict:
         losses = compute_losses(ddp, imgs, tg, a.amp and device == "cuda", device)
         loss = sum(losses.values())
         if not dist_utils.all_finite(d, loss.detach()):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             good = ckpt.latest(run_dir)
             raise NonFiniteLoss(f"non-finite loss at iteration {it + 1} ({terms}); stopping. The last good "
                                 f"checkpoint is {good or 'none (no checkpoint written yet)'}. Lower the learning "
@@ -235,7 +240,7 @@ def train(a) -> dict:
         bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         if it % r.log_every == 0 or it == max_iters:
             dt, st = t_data / n_window, t_step / n_window
-            m = {k: float(v) for k, v in losses.items()}
+            m = {k: float(v.detach()) for k, v in losses.items()}
             m.update(loss=last_loss, lr=sched.get_last_lr()[0], data_time=dt, step_time=st,
                      images_per_s=total / max(dt + st, 1e-9), data_share=dt / max(dt + st, 1e-9))
             if device == "cuda":
@@ -243,7 +248,7 @@ def train(a) -> dict:
             mlog.write(it, m)
             if d.is_main:
                 bar.write(f"iter {it}/{max_iters}  loss {last_loss:.4f} ("
-                          + " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items())
+                          + " ".join(f"{k.removeprefix('loss_')} {float(v):.3f}" for k, v in m.items() if k.startswith("loss_"))
                           + f")  lr {m['lr']:.4g}  data {dt * 1e3:.0f} ms  step {st * 1e3:.0f} ms  "
                           f"{m['images_per_s']:.1f} img/s")
             t_data = t_step = 0.0
@@ -252,12 +257,13 @@ def train(a) -> dict:
             save(it)
     bar.close()
     if a.record_image_ids:
-        (run_dir / f"rank{d.rank}_images.json").write_text(json.dumps(seen_ids))
+        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        (run_dir / f"rank{d.rank}_debug.json").write_text(json.dumps(dict(image_ids=seen_ids, weights_sha1=digest)))
     summary = dict(run_dir=str(run_dir), iteration=it, loss=last_loss)
     if not a.no_eval:
         from trainer.evaluate import evaluate_model, format_table
         val = ds.resolve(a.coco_root, "val2017")
-        metrics = evaluate_model(model, val, r.eval_resize, device, max(per_proc, 1), d, run_dir / "eval_val2017")
+        metrics, _ = evaluate_model(model, val, r.eval_resize, device, max(per_proc, 1), d, run_dir / "eval_val2017")
         if d.is_main:
             print(f"\nCOCO evaluation on {val.root.name}/val2017 after {it} iterations:")
             print(format_table(metrics))

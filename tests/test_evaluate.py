@@ -1,0 +1,182 @@
+"""Evaluation: the results path (threshold, RLE, category mapping) scored by COCOeval, compared with a
+direct pycocotools call on the same file; bad results files; distributed gathering."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from scipy.ndimage import binary_erosion
+
+from dali_scp.dataset import resolve
+from trainer import evaluate as ev
+
+
+def quiet_coco(path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def gt_detections(gt: COCO, split, shift=0.0, erode=0):
+    """Ground truth as detections at the original resolution (score 1, contiguous labels, mask
+    probabilities), optionally with shifted boxes / eroded masks."""
+    c2l = split.cat_to_label_table()
+    results = []
+    for iid, im in gt.imgs.items():
+        anns = [a for a in gt.imgToAnns[iid] if not a["iscrowd"]]
+        if not anns:
+            continue
+        boxes = torch.tensor([[a["bbox"][0] + shift, a["bbox"][1], a["bbox"][0] + a["bbox"][2] + shift,
+                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float64)
+        masks = np.stack([gt.annToMask(a) for a in anns])
+        if erode:
+            masks = np.stack([binary_erosion(m, iterations=erode) for m in masks]).astype(np.uint8)
+        det = dict(boxes=boxes, scores=torch.ones(len(anns)),
+                   labels=torch.as_tensor(c2l[[a["category_id"] for a in anns]]),
+                   masks=torch.as_tensor(masks, dtype=torch.float32)[:, None] * 0.9)
+        results += ev.detections_to_results(iid, det, split.label_to_cat())
+    return results
+
+
+def direct_cocoeval(gt, results, iou_type):
+    res = [dict(r) for r in results]
+    if iou_type == "segm":
+        for r in res:
+            r.pop("bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(gt, gt.loadRes(res), iou_type)
+        e.evaluate(), e.accumulate(), e.summarize()
+    return e.stats
+
+
+def test_ground_truth_scores_ap_one_and_degradations_match_pycocotools(syn_root):
+    split = resolve(syn_root, "val2017")
+    gt = quiet_coco(split.annotations)
+    perfect = ev.score(gt, gt_detections(gt, split))
+    assert perfect["bbox"]["AP"] == pytest.approx(1.0) and perfect["segm"]["AP"] == pytest.approx(1.0)
+    worse = gt_detections(gt, split, shift=3.0, erode=2)
+    m = ev.score(gt, worse)
+    assert m["bbox"]["AP"] < 0.95 and m["segm"]["AP"] < 0.95
+    for t in ("bbox", "segm"):
+        np.testing.assert_allclose([m[t][n] for n in ev.STAT_NAMES], direct_cocoeval(gt, worse, t), atol=1e-12)
+    assert "AP50" in ev.format_table(m)
+
+
+def test_empty_images_and_category_zero(tmp_path):
+    h, w = 40, 50
+    m = np.zeros((h, w), np.uint8)
+    m[5:20, 10:30] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    poly = [[10, 5, 30, 5, 30, 20, 10, 20]]
+    doc = dict(images=[dict(id=1, file_name="a.jpg", width=w, height=h), dict(id=2, file_name="b.jpg", width=w, height=h)],
+               annotations=[dict(id=1, image_id=1, category_id=0, bbox=[10, 5, 20, 15], area=300, iscrowd=0,
+                                 segmentation=poly)],
+               categories=[dict(id=0, name="zero"), dict(id=7, name="seven")])
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    split = resolve(tmp_path, "val2017")
+    assert split.cat_to_label_table()[0] == 1 and split.label_to_cat()[1] == 0
+    gt = quiet_coco(split.annotations)
+    det = dict(boxes=torch.tensor([[10.0, 5.0, 30.0, 20.0]]), scores=torch.tensor([1.0]), labels=torch.tensor([1]),
+               masks=torch.as_tensor(gt.annToMask(gt.anns[1]), dtype=torch.float32)[None, None])
+    res = ev.detections_to_results(1, det, split.label_to_cat())
+    assert res[0]["category_id"] == 0
+    metrics = ev.score(gt, res)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    del rle
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda r: r.update(image_id=999999), "image_id 999999 is not in the ground truth"),
+    (lambda r: r.update(category_id=4242), "category_id 4242"),
+    (lambda r: r.update(score="high"), "score"),
+    (lambda r: r.update(bbox=[1, 2, 3]), "bbox"),
+    (lambda r: r["segmentation"].update(counts="!!!!"), "malformed RLE"),
+    (lambda r: r["segmentation"].update(size=[1, 1]), "RLE size"),
+    (lambda r: r.update(image_id="7"), "not an integer"),
+])
+def test_bad_results_name_the_entry(syn_root, mutate, msg):
+    split = resolve(syn_root, "val2017")
+    gt = quiet_coco(split.annotations)
+    results = gt_detections(gt, split)
+    mutate(results[3])
+    with pytest.raises(ValueError, match="entry 3") as e:
+        ev.validate_results(results, gt, "r.json")
+    assert msg in str(e.value)
+
+
+def test_cli_scores_a_results_file(syn_root, tmp_path, capsys):
+    split = resolve(syn_root, "val2017")
+    res = gt_detections(quiet_coco(split.annotations), split)
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(res))
+    assert ev.main(["--results", str(f), "--coco-root", str(syn_root), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "segm" in out and "100.0" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["bbox"]["AP"] == pytest.approx(1.0)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([dict(res[0], image_id=-5)]))
+    assert ev.main(["--results", str(bad), "--coco-root", str(syn_root)]) == 2
+    assert "entry 0" in capsys.readouterr().err
+
+
+def test_checkpoint_mismatch_is_a_clear_error(tmp_path, capsys):
+    from dali_scp.presets import recipe
+    from trainer.model import build_model
+    r = recipe("demo")
+    model = build_model(r, 5)
+    torch.save(dict(model=model.state_dict(), recipe=r.as_dict(), num_classes=9), tmp_path / "c.pth")
+    assert ev.main(["--checkpoint", str(tmp_path / "c.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model" in err and "9 classes" in err
+    torch.save({"weights": 1}, tmp_path / "d.pth")
+    assert ev.main(["--checkpoint", str(tmp_path / "d.pth")]) == 2
+    assert "not a dali-scp checkpoint" in capsys.readouterr().err
+
+
+def test_postprocess_maps_boxes_and_masks_back_to_the_original_image():
+    """The model's postprocessing undoes the pipeline's resize: a box in the resized image comes back
+    scaled by 1/r, a full 28x28 mask is pasted over it at the original resolution."""
+    from dali_scp.presets import recipe
+    from trainer.model import build_model
+    model = build_model(recipe("demo"), 3).eval()
+    det = [dict(boxes=torch.tensor([[32.0, 16.0, 96.0, 48.0]]), scores=torch.tensor([0.9]),
+                labels=torch.tensor([1]), masks=torch.ones(1, 1, 28, 28))]
+    out = model.transform.postprocess(det, [(128, 256)], [(256, 512)])[0]
+    torch.testing.assert_close(out["boxes"], torch.tensor([[64.0, 32.0, 192.0, 96.0]]))
+    m = out["masks"][0, 0] > 0.5
+    assert m.shape == (256, 512)
+    ys, xs = torch.nonzero(m, as_tuple=True)
+    assert abs(int(xs.min()) - 64) <= 2 and abs(int(xs.max()) - 191) <= 2 and abs(int(ys.min()) - 32) <= 2
+
+
+def _eval_rank(rank, world, init_file, syn_root, out):
+    import torch.distributed as tdist
+    from dali_scp.presets import recipe
+    from trainer.distributed import Dist
+    from trainer.model import build_model
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    split = resolve(syn_root, "val2017")
+    r = recipe("demo")
+    metrics, scored = ev.evaluate_model(build_model(r, split.num_classes), split, r.eval_resize, "cpu", 3,
+                                        Dist(rank, world, 0), progress=False)
+    if rank == 0:
+        (out / "scored.json").write_text(json.dumps(scored))
+    tdist.destroy_process_group()
+
+
+def test_distributed_evaluation_scores_every_image_once(syn_root, tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_eval_rank, args=(2, str(tmp_path / "init"), syn_root, tmp_path), nprocs=2, join=True)
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    ids = [im["id"] for im in json.loads(resolve(syn_root, "val2017").annotations.read_text())["images"]]
+    assert sorted(scored) == sorted(ids)
+    a = [([{"image_id": 1}], [1, 2]), ([{"image_id": 2}, {"image_id": 3}], [2, 3])]
+    res, sc = ev.merge_rank_results(a)
+    assert sc == [1, 2, 3] and [r["image_id"] for r in res] == [1, 3]

@@ -1,0 +1,155 @@
+"""Trainer: recipes, one step, DDP over sharded pipelines, kill-and-resume, NaN stop."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dali_scp.presets import RECIPES, pipeline_preset, recipe
+from trainer import checkpoint as ckpt
+from trainer import run as run_mod
+
+
+def test_presets_are_the_seed_recipes():
+    for pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):
+        r90, r270 = recipe(f"r50_{pipe}_90k"), recipe(f"r50_{pipe}_270k")
+        for r in (r90, r270):
+            assert (r.lr, r.momentum, r.weight_decay, r.total_batch, r.image_size) == (0.1, 0.9, 4e-5, 64, 1024)
+            assert (r.backbone, r.norm, r.trainable_layers, r.pipeline) == ("resnet50", "SyncBN", 5, pipe)
+            assert (r.eval_resize.max_long, r.eval_resize.max_short) == (1333, 800)
+        assert (r90.max_iters, r90.warmup_iters, r90.warmup_factor, r90.steps) == (90000, 500, 0.067, (81000, 85500, 87750))
+        assert (r270.max_iters, r270.warmup_iters, r270.warmup_factor, r270.steps) == (
+            270000, 1000, 0.001, (243000, 256500, 263250))
+    assert pipeline_preset("ssj").jitter.scale_range == (0.8, 1.25)
+    assert pipeline_preset("lsj_scp").jitter.scale_range == (0.1, 2.0)
+    cp = pipeline_preset("ssj_scp").copy_paste
+    assert (cp.max_num_pasted, cp.bbox_occluded_thr, cp.mask_occluded_thr, cp.paste_prob) == (100, 10, 300, 1.0)
+    assert pipeline_preset("ssj").copy_paste is None
+    f = run_mod.lr_lambda(recipe("r50_ssj_scp_90k"))
+    assert f(0) == pytest.approx(0.067) and f(250) == pytest.approx(0.067 + 0.933 / 2)
+    assert [f(i) for i in (500, 80999)] == [1.0, 1.0]
+    assert [f(i) for i in (81000, 85500, 87750)] == pytest.approx([0.1, 0.01, 0.001])
+    assert "demo" in RECIPES
+
+
+def test_default_recipe_and_lr_scaling(syn_root, tmp_path, capsys):
+    a = run_mod.parse_args(["--pipeline", "lsj", "--coco-root", str(syn_root)])
+    assert run_mod.resolve_recipe(a).name == "r50_lsj_90k"
+    a = run_mod.parse_args(["--pipeline", "ssj"])
+    r = run_mod.resolve_recipe(a)
+    assert r.name == "demo" and r.pipeline == "ssj"
+
+
+def _train(tmp, syn_root, *extra):
+    a = run_mod.parse_args(["--preset", "demo", "--coco-root", str(syn_root), "--no-eval", "--threads", "2",
+                            "--out", str(tmp), "--batch-size", "2", *extra])
+    return run_mod.train(a)
+
+
+def _weights(run_dir):
+    return ckpt.load(ckpt.latest(run_dir))["model"]
+
+
+def test_one_step_finite_losses_and_weights_change(syn_train):
+    from pipelines.iterator import CocoLoader
+    from trainer.model import build_model, to_model_inputs
+    torch.manual_seed(0)
+    r = recipe("demo")
+    model = build_model(r, syn_train.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, targets = next(iter(CocoLoader("ssj_scp", syn_train, batch_size=2, out_size=r.image_size)))
+    imgs, tg = to_model_inputs(images, targets)
+    losses = model(imgs, tg)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sum(losses.values()).backward()
+    opt.step()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("backbone.body.conv1" in k for k in changed) and any("mask_head" in k for k in changed)
+
+
+def test_kill_and_resume_ends_in_the_same_state(syn_root, tmp_path):
+    _train(tmp_path / "straight", syn_root, "--max-iters", "4")
+    _train(tmp_path / "resumed", syn_root, "--max-iters", "2")
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        _train(tmp_path / "resumed", syn_root, "--max-iters", "4")
+    _train(tmp_path / "resumed", syn_root, "--max-iters", "4", "--resume")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    state = ckpt.load(ckpt.latest(tmp_path / "resumed"))
+    assert state["iteration"] == 4
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "data_time", "step_time", "images_per_s"} <= set(lines[-1])
+    assert (tmp_path / "straight" / "config.json").is_file() and (tmp_path / "straight" / "log.txt").is_file()
+    assert list((tmp_path / "straight" / "tb").iterdir())
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(syn_root, tmp_path, monkeypatch):
+    real = run_mod.compute_losses
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        out = real(*args, **kw)
+        if calls["n"] == 3:
+            out["loss_mask"] = out["loss_mask"] * float("nan")
+        return out
+
+    monkeypatch.setattr(run_mod, "compute_losses", flaky)
+    with pytest.raises(run_mod.NonFiniteLoss, match="iteration 3") as e:
+        _train(tmp_path, syn_root, "--max-iters", "5", "--checkpoint-every", "2")
+    assert "ckpt_00000002.pth" in str(e.value)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt_00000002.pth"]
+    assert ckpt.load(tmp_path / "ckpt_00000002.pth")["iteration"] == 2
+
+
+def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
+    ckpt.save(tmp_path, 1, {"x": 1}, keep=3)
+
+    def boom(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ckpt.save(tmp_path, 2, {"x": 2}, keep=3)
+    assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["ckpt_00000001.pth"]
+    assert ckpt.load(ckpt.latest(tmp_path)) == {"x": 1}
+
+
+def test_two_process_ddp_disjoint_shards_identical_weights(syn_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "trainer.run", "--preset", "demo", "--coco-root", str(syn_root),
+           "--max-iters", "2", "--batch-size", "2", "--no-eval", "--threads", "1", "--record-image-ids",
+           "--out", str(tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}_debug.json").read_text()) for r in (0, 1))
+    assert len(r0["image_ids"]) == len(r1["image_ids"]) == 4
+    assert not set(r0["image_ids"]) & set(r1["image_ids"])
+    assert r0["weights_sha1"] == r1["weights_sha1"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["total_batch"] == 4
+    assert "learning rate scaled linearly" in (tmp_path / "log.txt").read_text()
+
+
+def test_cli_help():
+    p = subprocess.run([sys.executable, "-m", "trainer.run", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--pipeline" in p.stdout and "torchrun" in p.stdout
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss(syn_root, tmp_path):
+    _train(tmp_path, syn_root, "--max-iters", "200")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = lines[0]["loss"], lines[-1]["loss"]
+    assert last < 0.7 * first, (first, last)
