@@ -129,16 +129,17 @@ def test_two_process_ddp_disjoint_shards_identical_weights(syn_root, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), "-m", "trainer.run", "--preset", "demo", "--coco-root", str(syn_root),
-           "--max-iters", "2", "--batch-size", "2", "--no-eval", "--threads", "1", "--record-image-ids",
+           "--max-iters", "2", "--batch-size", "3", "--no-eval", "--threads", "1", "--record-image-ids",
            "--out", str(tmp_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}_debug.json").read_text()) for r in (0, 1))
-    assert len(r0["image_ids"]) == len(r1["image_ids"]) == 4
+    assert len(r0["image_ids"]) == len(r1["image_ids"]) == 6
     assert not set(r0["image_ids"]) & set(r1["image_ids"])
     assert r0["weights_sha1"] == r1["weights_sha1"]
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["total_batch"] == 4
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["total_batch"] == 6
+    assert cfg["resolved"]["lr"] == pytest.approx(recipe("demo").lr * 6 / 4)
     assert "learning rate scaled linearly" in (tmp_path / "log.txt").read_text()
 
 
