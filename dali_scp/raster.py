@@ -19,13 +19,18 @@ import numpy as np
 from dali_scp import xp as xpm
 
 
-def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: int, width: int, xp=np):
+def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: int, width: int, xp=np,
+                   group=None, n_groups: int = 1):
     """Rasterise polygons of ``n_inst`` instances into masks.
 
     poly_inst: [P] instance of each polygon; poly_start/poly_end: [P] vertex range of each polygon in
     ``verts`` [V, 2] (x, y in output pixels). Returns masks [K, H, W] uint8 for the K instances that
     cover at least one pixel, tight xyxy boxes [K, 4] float32 (pixel edges), and the indices [K] of those
     instances. Polygons with fewer than 3 vertices cover nothing.
+
+    With ``group`` ([n_inst] sorted group index, e.g. the sample of each instance) the masks come as
+    [n_groups, Kmax, H, W], each group's kept instances first and zero padding after: the padded batch
+    the PyTorch hand-off needs, written once instead of rasterised and then copied into padding.
     """
     H, W = int(height), int(width)
     idx_t = xp.int64
@@ -63,12 +68,21 @@ def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: 
     kept = xp.nonzero(covered)[0]
     new_id = xp.cumsum(covered) - 1
     k = int(kept.shape[0])
-    masks = xp.zeros((k, H, W), dtype=xp.uint8)
+    if group is None:
+        masks = xp.zeros((k, H, W), dtype=xp.uint8)
+        slot_of_kept = xp.arange(k, dtype=idx_t)
+    else:
+        g = xp.asarray(group, dtype=idx_t)[kept]
+        per_group = xp.bincount(g, minlength=n_groups)
+        kmax = int(per_group.max()) if n_groups else 0
+        masks = xp.zeros((n_groups, kmax, H, W), dtype=xp.uint8)
+        first = xp.cumsum(per_group) - per_group
+        slot_of_kept = g * kmax + xp.arange(k, dtype=idx_t) - first[g]
     boxes = xp.zeros((k, 4), dtype=xp.float32)
     if k == 0:
         return masks, boxes, kept
     kid = new_id[sinst]
-    pix = xpm.repeat(xp, (kid * H + srow) * W + c0, span_len) + xpm.ranks_within(xp, span_len)
+    pix = xpm.repeat(xp, (slot_of_kept[kid] * H + srow) * W + c0, span_len) + xpm.ranks_within(xp, span_len)
     masks.reshape(-1)[pix] = 1
     big = np.iinfo(np.int64).max
     lo = xp.full((2, k), big, dtype=idx_t)
@@ -86,7 +100,8 @@ def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np):
     vertex, end vertex) and ``vertices`` [V, 2] per sample, ``counts`` instances per sample.
 
     The whole batch is rasterised in one call (on the GPU: one set of kernels per batch, not per sample).
-    Returns per-sample lists (masks [K, H, W], boxes [K, 4], kept instance indices [K]).
+    Returns per-sample lists: masks [Kmax, H, W] (the sample's K kept instances first, then zero padding
+    up to the batch's largest K), boxes [K, 4], kept instance indices [K].
     """
     inst_off = np.concatenate([[0], np.cumsum([int(c) for c in counts])])
     vert_off = np.concatenate([[0], np.cumsum([int(v.shape[0]) for v in vertices])])
@@ -99,16 +114,18 @@ def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np):
     if pi:
         cat = xp.concatenate
         verts = cat([xp.asarray(v, dtype=xp.float64).reshape(-1, 2) for v in vertices])
-        masks, boxes, kept = rasterize_flat(cat(pi), cat(ps), cat(pe), verts, int(inst_off[-1]), height, width, xp)
+        group = xp.asarray(np.repeat(np.arange(len(counts)), [int(c) for c in counts]))
+        masks, boxes, kept = rasterize_flat(cat(pi), cat(ps), cat(pe), verts, int(inst_off[-1]), height, width, xp,
+                                            group=group, n_groups=len(counts))
     else:
-        masks, boxes, kept = (xp.zeros((0, height, width), xp.uint8), xp.zeros((0, 4), xp.float32),
+        masks, boxes, kept = (xp.zeros((len(counts), 0, height, width), xp.uint8), xp.zeros((0, 4), xp.float32),
                               xp.zeros((0,), xp.int64))
     # split the batch back into samples; kept is sorted, so each sample's rows are contiguous
     bounds = xpm.to_numpy(xp.searchsorted(kept, xp.asarray(inst_off)))
     out_m, out_b, out_k = [], [], []
     for i in range(len(counts)):
         s, e = int(bounds[i]), int(bounds[i + 1])
-        out_m.append(masks[s:e])
+        out_m.append(masks[i])
         out_b.append(boxes[s:e])
         out_k.append(kept[s:e] - int(inst_off[i]))
     return out_m, out_b, out_k

@@ -115,7 +115,8 @@ def copy_paste(images, masks, boxes, labels, pasted, cfg: presets.CopyPaste, dev
 
 def padded_targets(masks, boxes, labels, pasted):
     """The PyTorch iterator wants one dense tensor per output: pad along the instance axis and report
-    how many rows of each sample are real."""
+    how many rows of each sample are real. Masks arrive padded already (the stages write them into
+    one padded batch array: padding 1024^2 masks here would be one more full copy)."""
     counts = fn.cast(labels.shape(), dtype=types.INT32)
-    return (fn.pad(masks, axes=(0,), fill_value=0), fn.pad(boxes, axes=(0,), fill_value=0.0),
+    return (masks, fn.pad(boxes, axes=(0,), fill_value=0.0),
             fn.pad(labels, axes=(0,), fill_value=-1), fn.pad(pasted, axes=(0,), fill_value=0), counts)

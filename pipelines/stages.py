@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from dali_scp import xp as xpm
-from dali_scp.copy_paste import copy_paste, draw_choices
+from dali_scp.copy_paste import copy_paste, copy_paste_windowed, draw_choices, pad_masks
 from dali_scp.presets import CopyPaste
 from dali_scp.raster import rasterize_batch
 
@@ -47,7 +47,13 @@ class CopyPasteStage:
             CopyPasteStage._warned_single = True
         rng = np.random.default_rng([self.seed, self.batch])
         self.batch += 1
-        choices = draw_choices(rng, [m.shape[0] for m in masks], self.cfg)
+        labels = [l.reshape(-1) for l in labels]
+        choices = draw_choices(rng, [len(l) for l in labels], self.cfg)
         xp = xpm.get_xp(*images)
         del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
-        return copy_paste(images, masks, boxes, [l.reshape(-1) for l in labels], choices, self.cfg, xp)
+        if xp is np:
+            return copy_paste_windowed(images, masks, boxes, labels, choices, self.cfg)
+        masks = [m[: len(l)] for m, l in zip(masks, labels)]  # drop the rasteriser's padding rows
+        out = list(copy_paste(images, masks, boxes, labels, choices, self.cfg, xp))
+        out[1] = pad_masks(out[1], xp)
+        return tuple(out)

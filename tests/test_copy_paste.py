@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_scp.copy_paste import Choices, copy_paste, derangement, draw_choices
+from dali_scp.copy_paste import Choices, copy_paste, copy_paste_windowed, derangement, draw_choices
 from dali_scp.presets import CopyPaste
 
 CFG = CopyPaste()
@@ -136,6 +136,16 @@ def test_copy_paste_properties(data):
         # same seed, same result
         for x, y in zip(again, (oi, om, ob, ol, op)):
             np.testing.assert_array_equal(x[b], y[b])
+    # the CPU fast path gives exactly the reference's result (its masks are padded to the batch max)
+    wi, wm, wb, wl, wp = copy_paste_windowed(imgs, masks, boxes, labels, ch, cfg)
+    nmax = max(len(x) for x in om)
+    for b in range(len(imgs)):
+        np.testing.assert_array_equal(wi[b], oi[b])
+        assert wm[b].shape[0] == nmax and not wm[b][len(om[b]):].any()
+        np.testing.assert_array_equal(wm[b][: len(om[b])], om[b])
+        np.testing.assert_array_equal(wb[b], ob[b])
+        np.testing.assert_array_equal(wl[b], ol[b])
+        np.testing.assert_array_equal(wp[b], op[b])
 
 
 def test_choices_follow_the_recipe():
@@ -151,12 +161,13 @@ def test_choices_follow_the_recipe():
     assert single.src.tolist() == [-1] and len(single.picks[0]) == 0
 
 
-def test_blending_mixes_only_near_the_alpha_edge():
+@pytest.mark.parametrize("impl", [copy_paste, copy_paste_windowed])
+def test_blending_mixes_only_near_the_alpha_edge(impl):
     h, w = 40, 40
     src_img, dst_img = np.full((h, w, 3), 200, np.uint8), np.full((h, w, 3), 0, np.uint8)
     src_m = np.zeros((1, h, w), np.uint8)
     src_m[0, 10:30, 10:30] = 1
-    out = copy_paste([dst_img, src_img], [np.zeros((0, h, w), np.uint8), src_m],
+    out = impl([dst_img, src_img], [np.zeros((0, h, w), np.uint8), src_m],
                      [np.zeros((0, 4), np.float32), np.array([[10, 10, 30, 30]], np.float32)],
                      [np.zeros(0, int), np.array([1])], Choices(np.array([1, 0]), [np.array([0]), np.zeros(0, int)]),
                      CopyPaste(blend_sigma=2.0))[0][0]

@@ -83,7 +83,18 @@ def test_degenerate_and_outside_objects_are_dropped_and_batch_split_is_exact():
     verts = [np.concatenate([square, line]), np.concatenate([outside, square + [20, 20]])]
     masks, boxes, kept = rasterize_batch(polys, verts, [2, 2], 40, 40)
     assert [k.tolist() for k in kept] == [[0], [1]]
-    assert masks[0].shape == (1, 40, 40) and masks[0].sum() == 100
+    assert masks[0].shape == (1, 40, 40) and masks[0].sum() == 100 and masks[1][0, 25, 25] == 1
     assert boxes[1].tolist() == [[22, 22, 32, 32]]
     empty_m, empty_b, empty_k = rasterize_batch([np.zeros((0, 3), int)], [np.zeros((0, 2))], [0], 40, 40)
     assert empty_m[0].shape == (0, 40, 40) and empty_k[0].shape == (0,)
+
+
+def test_batch_masks_are_padded_to_the_largest_sample():
+    sq = np.array([[2, 2], [12, 2], [12, 12], [2, 12]], float)
+    polys = [np.array([[0, 0, 4]]), np.array([[0, 0, 4], [1, 4, 8], [2, 8, 12]]), np.zeros((0, 3), int)]
+    verts = [sq, np.concatenate([sq, sq + 15, sq + [0, 25]]), np.zeros((0, 2))]
+    masks, boxes, kept = rasterize_batch(polys, verts, [1, 3, 0], 40, 40)
+    assert [m.shape[0] for m in masks] == [3, 3, 3]
+    assert [m.reshape(3, -1).sum(1).tolist() for m in masks] == [[100, 0, 0], [100, 100, 100], [0, 0, 0]]
+    assert [len(b) for b in boxes] == [1, 3, 0]
+    assert boxes[1][2].tolist() == [2, 27, 12, 37]
