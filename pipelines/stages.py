@@ -4,6 +4,8 @@ copy-paste random generator (seeded, so the same seed gives the same batches).""
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
 
 import numpy as np
 
@@ -14,11 +16,28 @@ from dali_scp.raster import rasterize_batch
 
 log = logging.getLogger(__name__)
 
+# Seconds spent inside each stage since the last reset (read by pipelines.profile). On the GPU this is
+# the Python + launch time; the profiler synchronises separately to get device time.
+STAGE_SECONDS: dict = defaultdict(float)
+
+
+def timed(name):
+    def deco(fn):
+        def wrapper(*args):
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                STAGE_SECONDS[name] += time.perf_counter() - t
+        return wrapper
+    return deco
+
 
 class RasterizeStage:
     def __init__(self, height: int, width: int):
         self.height, self.width = height, width
 
+    @timed("masks")
     def __call__(self, polygons, vertices, labels):
         xp = xpm.get_xp(*vertices)
         counts = [int(l.shape[0]) for l in labels]
@@ -41,6 +60,7 @@ class CopyPasteStage:
         self.seed = seed
         self.batch = start_batch
 
+    @timed("copy_paste")
     def __call__(self, images, masks, boxes, labels, pasted):
         if len(images) < 2 and not CopyPasteStage._warned_single:
             log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")
