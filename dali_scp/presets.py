@@ -50,6 +50,8 @@ PIPELINES: dict[str, PipelinePreset] = {
 
 
 def pipeline_preset(name: str, out_size: int | None = None) -> PipelinePreset:
+    if out_size is not None and out_size % 8:
+        raise ValueError(f"out_size must be a multiple of 8 (masks are bit-packed), not {out_size}")
     if name not in PIPELINES:
         raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}")
     p = PIPELINES[name]

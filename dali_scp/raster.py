@@ -20,7 +20,7 @@ from dali_scp import xp as xpm
 
 
 def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: int, width: int, xp=np,
-                   group=None, n_groups: int = 1):
+                   group=None, n_groups: int = 1, out=None):
     """Rasterise polygons of ``n_inst`` instances into masks.
 
     poly_inst: [P] instance of each polygon; poly_start/poly_end: [P] vertex range of each polygon in
@@ -31,6 +31,8 @@ def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: 
     With ``group`` ([n_inst] sorted group index, e.g. the sample of each instance) the masks come as
     [n_groups, Kmax, H, W], each group's kept instances first and zero padding after: the padded batch
     the PyTorch hand-off needs, written once instead of rasterised and then copied into padding.
+    ``out`` (with ``group``): an all-zero [n_groups, capacity, H, W] buffer to write into instead of a
+    fresh allocation (the caller re-zeroes what was written; fresh pages cost more than the writes).
     """
     H, W = int(height), int(width)
     idx_t = xp.int64
@@ -69,21 +71,25 @@ def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: 
     new_id = xp.cumsum(covered) - 1
     k = int(kept.shape[0])
     if group is None:
-        masks = xp.zeros((k, H, W), dtype=xp.uint8)
+        masks = target = xp.zeros((k, H, W), dtype=xp.uint8)
         slot_of_kept = xp.arange(k, dtype=idx_t)
     else:
         g = xp.asarray(group, dtype=idx_t)[kept]
         per_group = xp.bincount(g, minlength=n_groups)
         kmax = int(per_group.max()) if n_groups else 0
-        masks = xp.zeros((n_groups, kmax, H, W), dtype=xp.uint8)
+        if out is not None and out.shape[0] == n_groups and out.shape[1] >= kmax and out.shape[2:] == (H, W):
+            target = out
+        else:
+            target = xp.zeros((n_groups, kmax, H, W), dtype=xp.uint8)
+        stride, masks = target.shape[1], target[:, :kmax]
         first = xp.cumsum(per_group) - per_group
-        slot_of_kept = g * kmax + xp.arange(k, dtype=idx_t) - first[g]
+        slot_of_kept = g * stride + xp.arange(k, dtype=idx_t) - first[g]
     boxes = xp.zeros((k, 4), dtype=xp.float32)
     if k == 0:
         return masks, boxes, kept
     kid = new_id[sinst]
     pix = xpm.repeat(xp, (slot_of_kept[kid] * H + srow) * W + c0, span_len) + xpm.ranks_within(xp, span_len)
-    masks.reshape(-1)[pix] = 1
+    target.reshape(-1)[pix] = 1
     big = np.iinfo(np.int64).max
     lo = xp.full((2, k), big, dtype=idx_t)
     hi = xp.full((2, k), -1, dtype=idx_t)
@@ -95,7 +101,7 @@ def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: 
     return masks, boxes, kept
 
 
-def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np):
+def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np, out=None):
     """Per-sample front end used by the pipeline stage: DALI's ``polygons`` [P, 3] (mask index, first
     vertex, end vertex) and ``vertices`` [V, 2] per sample, ``counts`` instances per sample.
 
@@ -116,7 +122,7 @@ def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np):
         verts = cat([xp.asarray(v, dtype=xp.float64).reshape(-1, 2) for v in vertices])
         group = xp.asarray(np.repeat(np.arange(len(counts)), [int(c) for c in counts]))
         masks, boxes, kept = rasterize_flat(cat(pi), cat(ps), cat(pe), verts, int(inst_off[-1]), height, width, xp,
-                                            group=group, n_groups=len(counts))
+                                            group=group, n_groups=len(counts), out=out)
     else:
         masks, boxes, kept = (xp.zeros((len(counts), 0, height, width), xp.uint8), xp.zeros((0, 4), xp.float32),
                               xp.zeros((0,), xp.int64))

@@ -66,3 +66,19 @@ def ranks_within(xp, counts):
     starts = xp.cumsum(counts) - counts
     total = int(counts.sum())
     return xp.arange(total, dtype=counts.dtype) - repeat(xp, starts, counts)
+
+
+def packbits(xp, masks):
+    """[..., W] 0/1 uint8 -> [..., W/8] bytes, first pixel in the high bit (NumPy's default order)."""
+    if xp is np:
+        return np.packbits(masks, axis=-1)
+    shifts = xp.arange(7, -1, -1, dtype=xp.uint8)
+    m = masks.reshape(masks.shape[:-1] + (masks.shape[-1] // 8, 8))
+    return (m << shifts).sum(axis=-1, dtype=xp.uint8)
+
+
+def unpackbits(xp, packed):
+    if xp is np:
+        return np.unpackbits(packed, axis=-1)
+    shifts = xp.arange(7, -1, -1, dtype=xp.uint8)
+    return ((packed[..., None] >> shifts) & 1).reshape(packed.shape[:-1] + (packed.shape[-1] * 8,))

@@ -110,6 +110,7 @@ def copy_paste(images, masks, boxes, labels, pasted, cfg: presets.CopyPaste, dev
                start_batch: int = 0):
     stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch)
     return fn.python_function(images, masks, boxes, labels, pasted, function=stage, num_outputs=5,
+                              bytes_per_sample_hint=[4 << 20, 96 << 20, 2048, 512, 128],
                               batch_processing=True, device=device)
 
 

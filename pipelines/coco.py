@@ -3,7 +3,7 @@
 
     reader -> decode -> scale jitter (image + polygons) -> rasterised masks -> [copy-paste] -> pad
 
-Outputs, per sample: image [S, S, 3] uint8, masks [Nmax, S, S] uint8, boxes [Nmax, 4] float32 xyxy,
+Outputs, per sample: image [S, S, 3] uint8, masks [Nmax, S, S/8] uint8 bit-packed, boxes [Nmax, 4] float32 xyxy,
 category ids [Nmax] int32 (padding -1), pasted flags [Nmax] uint8, count [1], image id [1], geometry [4] (scale, valid h, valid w,
 flipped). ``pipelines.iterator`` turns them into torchvision-style targets.
 """

@@ -3,10 +3,12 @@ torchvision's detection models take.
 
 Why a thin adapter: the pipeline pads ragged outputs (DALI's PyTorch iterator wants one dense tensor per
 output) and keeps dataset category ids; here the padding is cut away again (views, no copies) and ids
-are mapped to contiguous labels. Everything stays on the pipeline's device.
+are mapped to contiguous labels, and the bit-packed masks are unpacked (only the real rows). Everything
+stays on the pipeline's device.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dali_scp.check import checked_annotations
@@ -58,6 +60,14 @@ class CocoLoader:
                 return
 
 
+def unpack_masks(packed: torch.Tensor) -> torch.Tensor:
+    """[n, H, W/8] bit-packed (first pixel in the high bit) -> [n, H, W] uint8 of 0/1."""
+    if packed.is_cuda:
+        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1))
+
+
 def to_targets(d: dict, lut: torch.Tensor):
     images = d["images"]
     counts = d["counts"].reshape(-1).tolist()
@@ -67,7 +77,7 @@ def to_targets(d: dict, lut: torch.Tensor):
     for i, n in enumerate(counts):
         ids = cat_ids[i, :n]
         targets.append(dict(
-            boxes=d["boxes"][i, :n], labels=lut[ids], masks=d["masks"][i, :n], cat_ids=ids,
+            boxes=d["boxes"][i, :n], labels=lut[ids], masks=unpack_masks(d["masks"][i, :n]), cat_ids=ids,
             pasted=d["pasted"][i, :n].bool(), image_id=int(d["image_ids"][i].reshape(-1)[0]),
             geometry=d["geometry"][i]))
     return images, targets

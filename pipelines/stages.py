@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from dali_scp import xp as xpm
-from dali_scp.copy_paste import copy_paste, copy_paste_windowed, draw_choices, pad_masks
+from dali_scp.copy_paste import copy_paste, copy_paste_packed, draw_choices, pad_masks
 from dali_scp.presets import CopyPaste
 from dali_scp.raster import rasterize_batch
 
@@ -34,14 +34,32 @@ def timed(name):
 
 
 class RasterizeStage:
+    """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. On the CPU the dense
+    masks are written into a reused zero buffer (re-zeroed box by box), because faulting in fresh
+    pages for objects x 1024^2 bytes costs more than rasterising."""
+
     def __init__(self, height: int, width: int):
         self.height, self.width = height, width
+        self._arena = None
+
+    def _buffer(self, b: int, kmax: int):
+        a = self._arena
+        if a is None or a.shape[0] != b or a.shape[1] < kmax:
+            self._arena = np.zeros((b, max(kmax, 32), self.height, self.width), np.uint8)
+        return self._arena
 
     @timed("masks")
     def __call__(self, polygons, vertices, labels):
         xp = xpm.get_xp(*vertices)
         counts = [int(l.shape[0]) for l in labels]
-        masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, xp)
+        out = self._buffer(len(counts), max(counts, default=0)) if xp is np else None
+        masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, xp, out=out)
+        packed = [xpm.packbits(xp, m) for m in masks]
+        if out is not None:  # re-zero what was written
+            for m, bx in zip(masks, boxes):
+                for i, (x0, y0, x1, y1) in enumerate(bx.astype(np.int64)):
+                    m[i, y0:y1, x0:x1] = 0
+        masks = packed
         labels = [xp.ascontiguousarray(l.reshape(-1)[k]).astype(xp.int32) for l, k in zip(labels, kept)]
         pasted = [xp.zeros(k.shape[0], dtype=xp.uint8) for k in kept]
         return masks, boxes, labels, pasted
@@ -72,8 +90,9 @@ class CopyPasteStage:
         xp = xpm.get_xp(*images)
         del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
         if xp is np:
-            return copy_paste_windowed(images, masks, boxes, labels, choices, self.cfg)
-        masks = [m[: len(l)] for m, l in zip(masks, labels)]  # drop the rasteriser's padding rows
+            return copy_paste_packed(images, masks, boxes, labels, choices, self.cfg)
+        # GPU: dense and batched (bandwidth is plentiful, launches are not)
+        masks = [xpm.unpackbits(xp, m[: len(l)]) for m, l in zip(masks, labels)]
         out = list(copy_paste(images, masks, boxes, labels, choices, self.cfg, xp))
-        out[1] = pad_masks(out[1], xp)
+        out[1] = [xpm.packbits(xp, m) for m in pad_masks(out[1], xp)]
         return tuple(out)

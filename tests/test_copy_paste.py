@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_scp.copy_paste import Choices, copy_paste, copy_paste_windowed, derangement, draw_choices
+from dali_scp.copy_paste import Choices, copy_paste, copy_paste_packed, derangement, draw_choices
 from dali_scp.presets import CopyPaste
 
 CFG = CopyPaste()
@@ -78,7 +78,7 @@ def test_occlusion_rule_at_its_thresholds(moved, area_px, kept):
 @st.composite
 def batches(draw):
     b = draw(st.integers(2, 4))
-    h, w = draw(st.integers(8, 24)), draw(st.integers(8, 24))
+    h, w = draw(st.integers(8, 24)), 8 * draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     imgs, masks, boxes, labels = [], [], [], []
@@ -136,8 +136,9 @@ def test_copy_paste_properties(data):
         # same seed, same result
         for x, y in zip(again, (oi, om, ob, ol, op)):
             np.testing.assert_array_equal(x[b], y[b])
-    # the CPU fast path gives exactly the reference's result (its masks are padded to the batch max)
-    wi, wm, wb, wl, wp = copy_paste_windowed(imgs, masks, boxes, labels, ch, cfg)
+    # the CPU fast path gives exactly the reference's result (its masks are packed, padded to the batch max)
+    wi, wm, wb, wl, wp = copy_paste_packed(imgs, [np.packbits(m, axis=-1) for m in masks], boxes, labels, ch, cfg)
+    wm = [np.unpackbits(m, axis=-1) for m in wm]
     nmax = max(len(x) for x in om)
     for b in range(len(imgs)):
         np.testing.assert_array_equal(wi[b], oi[b])
@@ -161,7 +162,11 @@ def test_choices_follow_the_recipe():
     assert single.src.tolist() == [-1] and len(single.picks[0]) == 0
 
 
-@pytest.mark.parametrize("impl", [copy_paste, copy_paste_windowed])
+def packed_impl(images, masks, *rest):
+    return copy_paste_packed(images, [np.packbits(m, axis=-1) for m in masks], *rest)
+
+
+@pytest.mark.parametrize("impl", [copy_paste, packed_impl])
 def test_blending_mixes_only_near_the_alpha_edge(impl):
     h, w = 40, 40
     src_img, dst_img = np.full((h, w, 3), 200, np.uint8), np.full((h, w, 3), 0, np.uint8)

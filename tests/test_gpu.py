@@ -3,7 +3,7 @@ skipped where there is no CUDA device)."""
 import numpy as np
 import pytest
 
-from dali_scp.copy_paste import Choices, copy_paste, copy_paste_windowed, draw_choices
+from dali_scp.copy_paste import copy_paste, copy_paste_packed, draw_choices
 from dali_scp.presets import CopyPaste, pipeline_preset
 from dali_scp.raster import rasterize_batch
 from dali_scp.synthetic import star_polygon
@@ -60,9 +60,9 @@ def test_copy_paste_gpu_equals_cpu_bit_for_bit(blend):
                 assert np.abs(x.astype(int) - cp.asnumpy(y).astype(int)).max() <= 1  # float blur rounding
             else:
                 np.testing.assert_array_equal(x, cp.asnumpy(y))
-    win = copy_paste_windowed(images, masks, boxes, labels, ch, cfg)
+    win = copy_paste_packed(images, [np.packbits(m, axis=-1) for m in masks], boxes, labels, ch, cfg)
     for x, y in zip(cpu[1], win[1]):
-        np.testing.assert_array_equal(x, y[: len(x)])
+        np.testing.assert_array_equal(x, np.unpackbits(y[: len(x)], axis=-1))
 
 
 @pytest.mark.parametrize("name", ["ssj", "ssj_scp"])
