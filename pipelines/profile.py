@@ -141,6 +141,8 @@ def profile_baseline(name, split, batch, workers, warmup, iters, out_size, annot
     it = batches()
     lat, wall, cpu = _timed_loop(lambda: next(it), warmup, iters)
     res = _summary(lat, wall, cpu, batch, workers)
+    # its worker processes are alive while measured, so getrusage cannot see their CPU time
+    res.update(cpu_util=None, cpu_cores_busy=None)
     res.update(pipeline=f"baseline:{name}", device="cpu", batch_size=batch, threads=workers, out_size=out_size,
                peak_host_mb=_peak_rss_mb())
     return res
@@ -196,6 +198,10 @@ def run(pipelines, coco_root=None, device="cpu", batch=8, threads=2, iters=20, w
     return out
 
 
+def _num(v, width, prec):
+    return f"{v:{width}.{prec}f}" if v is not None else " " * (width - 3) + "n/a"
+
+
 def format_table(out: dict) -> str:
     head = (f"{'pipeline':18s}{'dev':>4s}{'batch':>6s}{'img/s':>8s}{'med ms':>8s}{'p90 ms':>8s}"
             f"{'decode':>8s}{'jitter':>8s}{'masks':>7s}{'c-p':>7s}{'hand':>7s}{'cores':>6s}{'RSS MB':>8s}{'GPU MB':>8s}{'vs base':>8s}")
@@ -206,7 +212,7 @@ def format_table(out: dict) -> str:
         vs = r.get("ours_over_baseline")
         rows.append(f"{r['pipeline']:18s}{r['device']:>4s}{r['batch_size']:6d}{r['images_per_s']:8.1f}"
                     f"{r['ms_median']:8.0f}{r['ms_p90']:8.0f} {f('read+decode')}{f('jitter+other')}{f('masks')}"
-                    f"{f('copy-paste')}{f('hand-off')}{r['cpu_cores_busy']:6.2f}"
+                    f"{f('copy-paste')}{f('hand-off')}{_num(r['cpu_cores_busy'], 6, 2)}"
                     f"{r.get('peak_host_mb') or 0:8.0f}{(r.get('peak_gpu_mb') or 0):8.0f}"
                     + (f"{vs:7.2f}x" if vs else ""))
     return "\n".join(rows)

@@ -220,6 +220,7 @@ def train(a) -> dict:
         if not dist_utils.all_finite(d, loss.detach()):
             terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             good = ckpt.latest(run_dir)
+            bar.close()
             raise NonFiniteLoss(f"non-finite loss at iteration {it + 1} ({terms}); stopping. The last good "
                                 f"checkpoint is {good or 'none (no checkpoint written yet)'}. Lower the learning "
                                 "rate or check the data; --resume continues from that checkpoint.")
