@@ -202,9 +202,9 @@ def checked_annotations(ann_file, images_dir, workers: int = 8, progress: bool =
     if filtered is None:
         raise ValueError("\n".join(str(x) for x in rep.defects))
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, json.dumps(filtered))
+    atomic_write(out, json.dumps(filtered))
     rep.filtered = str(out)
-    _atomic_write(rep_file, json.dumps(asdict(rep)))
+    atomic_write(rep_file, json.dumps(asdict(rep)))
     for x in rep.defects[:20]:
         log.warning("dataset check: %s", x)
     if len(rep.defects) > 20:
@@ -214,7 +214,8 @@ def checked_annotations(ann_file, images_dir, workers: int = 8, progress: bool =
     return out, rep
 
 
-def _atomic_write(path: Path, text: str):
+def atomic_write(path: Path, text: str):
+    """Temp file + rename: a reader never sees half a file, a crash never leaves one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         print(d)
     print(rep.summary())
     if a.json:
-        _atomic_write(Path(a.json), json.dumps(asdict(rep), indent=1))
+        atomic_write(Path(a.json), json.dumps(asdict(rep), indent=1))
     return 1 if (a.strict and rep.defects) or filtered is None else 0
 
 

@@ -238,9 +238,9 @@ def main(argv=None) -> int:
     out["command"] = "python -m pipelines.profile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(out))
     if a.json:
-        from dali_scp.check import _atomic_write
+        from dali_scp.check import atomic_write
         from pathlib import Path
-        _atomic_write(Path(a.json), json.dumps(out, indent=1))
+        atomic_write(Path(a.json), json.dumps(out, indent=1))
         print(f"wrote {a.json}")
     return 0
 

@@ -91,7 +91,7 @@ def make_grid(pipeline: str, coco_root=None, device: str = "cpu", n: int = 8, se
         grid.paste(tile_img, (x, y + header))
         n_p = int(t["pasted"].sum())
         draw.text((x + 4, y + 5), f"image {t['image_id']}  {len(t['labels'])} objects ({n_p} pasted)"
-                  f"  scale {float(t['geometry'][0]):.2f}{'  flipped' if t['geometry'][3] else ''}",
+                  f"  resize x{float(t['geometry'][0]):.2f}{'  flipped' if t['geometry'][3] else ''}",
                   fill=(230, 230, 230))
     return grid
 

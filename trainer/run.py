@@ -142,8 +142,8 @@ def train(a) -> dict:
     if d.is_main:
         print(json.dumps(config, indent=1))
         if not a.resume:
-            from dali_scp.check import _atomic_write
-            _atomic_write(run_dir / "config.json", json.dumps(config, indent=1))
+            from dali_scp.check import atomic_write
+            atomic_write(run_dir / "config.json", json.dumps(config, indent=1))
         if total != r.total_batch:
             log.info("total batch %d differs from the recipe's %d: learning rate scaled linearly %.4g x %d/%d = %.4g",
                      total, r.total_batch, r.lr, total, r.total_batch, lr)
