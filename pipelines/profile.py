@@ -234,7 +234,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = list(PIPELINES) if a.pipeline == "all" else [a.pipeline]
-    out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size)
+    try:
+        out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out["command"] = "python -m pipelines.profile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(out))
     if a.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import logging
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -109,10 +110,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output PNG")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split)
+    try:
+        grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     grid.save(a.out)
     print(f"wrote {a.out} ({grid.size[0]}x{grid.size[1]})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -120,6 +120,7 @@ def train(a) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = dist_utils.init(device)
     r = resolve_recipe(a)
+    split = ds.resolve(a.coco_root, "train2017")  # before creating anything: a wrong path fails first
     run_dir = Path(a.out or f"runs/{r.name}_{r.pipeline}")
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, d.is_main)
@@ -134,7 +135,6 @@ def train(a) -> dict:
     per_proc = a.batch_size or max(r.total_batch // d.world_size, 1)
     total = per_proc * d.world_size
     lr = r.lr * total / r.total_batch
-    split = ds.resolve(a.coco_root, "train2017")
     config = dict(recipe=r.as_dict(), resolved=dict(
         pipeline=r.pipeline, device=device, world_size=d.world_size, batch_per_process=per_proc, total_batch=total,
         lr=lr, max_iters=max_iters, amp=a.amp, seed=a.seed, dataset=str(split.root), synthetic=split.synthetic,
@@ -282,6 +282,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
