@@ -75,7 +75,11 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
     xe = x1 - flip * (x1 - x0)
     images = fn.resize(images, size=fn.stack(oh, ow), roi_start=fn.stack(y0, xs), roi_end=fn.stack(y1, xe),
                        interp_type=types.INTERP_LINEAR, antialias=True)
-    images = fn.pad(images, axis_names="HW", shape=[cfg.out_size, cfg.out_size], fill_value=cfg.pad_value)
+    # pad bottom/right to S x S: a crop window anchored at the origin that extends past the image
+    # (crop_mirror_normalize's padding is ~3x cheaper on the CPU than fn.pad)
+    images = fn.crop_mirror_normalize(images, crop=(cfg.out_size, cfg.out_size), crop_pos_x=0.0, crop_pos_y=0.0,
+                                      out_of_bounds_policy="pad", fill_values=float(cfg.pad_value),
+                                      dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
     kx, ky = ow / (xe - xs), oh / (y1 - y0)
     vertices = vertices * fn.stack(kx, ky) - fn.stack(xs * kx, y0 * ky)
     geometry = fn.stack(r, oh, ow, flip)

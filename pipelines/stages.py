@@ -48,18 +48,30 @@ class RasterizeStage:
             self._arena = np.zeros((b, max(kmax, 32), self.height, self.width), np.uint8)
         return self._arena
 
+    @staticmethod
+    def _pack_windows(masks, boxes):
+        """Pack each object's box (byte-aligned) into a zero packed batch and re-zero the box in the
+        dense buffer: cost follows the objects' area, not objects x H x W."""
+        b, kmax, h, w = len(masks), masks[0].shape[0] if masks else 0, *masks[0].shape[1:]
+        packed = np.zeros((b, kmax, h, w // 8), np.uint8)
+        for i, (m, bx) in enumerate(zip(masks, boxes)):
+            for j, (x0, y0, x1, y1) in enumerate(bx.astype(np.int64)):
+                c0, c1 = x0 // 8, (x1 + 7) // 8
+                win = m[j, y0:y1, c0 * 8:c1 * 8]
+                packed[i, j, y0:y1, c0:c1] = np.packbits(win, axis=-1)
+                win[...] = 0
+        return list(packed)
+
     @timed("masks")
     def __call__(self, polygons, vertices, labels):
         xp = xpm.get_xp(*vertices)
         counts = [int(l.shape[0]) for l in labels]
         out = self._buffer(len(counts), max(counts, default=0)) if xp is np else None
         masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, xp, out=out)
-        packed = [xpm.packbits(xp, m) for m in masks]
-        if out is not None:  # re-zero what was written
-            for m, bx in zip(masks, boxes):
-                for i, (x0, y0, x1, y1) in enumerate(bx.astype(np.int64)):
-                    m[i, y0:y1, x0:x1] = 0
-        masks = packed
+        if out is None:
+            masks = [xpm.packbits(xp, m) for m in masks]
+        else:
+            masks = self._pack_windows(masks, boxes)
         labels = [xp.ascontiguousarray(l.reshape(-1)[k]).astype(xp.int32) for l, k in zip(labels, kept)]
         pasted = [xp.zeros(k.shape[0], dtype=xp.uint8) for k in kept]
         return masks, boxes, labels, pasted
