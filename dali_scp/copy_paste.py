@@ -56,61 +56,112 @@ def draw_choices(rng: np.random.Generator, counts, cfg: CopyPaste) -> Choices:
 
 
 def mask_boxes(masks, xp=np):
-    """Tight xyxy boxes (pixel edges) of [N, H, W] masks; all-zero box for an empty mask."""
-    n, h, w = masks.shape
-    rows = masks.any(axis=2)
-    cols = masks.any(axis=1)
-    nonempty = rows.any(axis=1)
-    y0 = xp.argmax(rows, axis=1)
-    y1 = h - xp.argmax(rows[:, ::-1], axis=1)
-    x0 = xp.argmax(cols, axis=1)
-    x1 = w - xp.argmax(cols[:, ::-1], axis=1)
-    boxes = xp.stack([x0, y0, x1, y1], axis=1).astype(xp.float32)
-    return boxes * nonempty[:, None]
+    """Tight xyxy boxes (pixel edges) of [..., H, W] masks; all-zero box for an empty mask."""
+    h, w = masks.shape[-2:]
+    rows = masks.any(axis=-1).astype(xp.uint8)  # argmax over uint8: portable between NumPy and CuPy
+    cols = masks.any(axis=-2).astype(xp.uint8)
+    nonempty = rows.any(axis=-1)
+    y0 = xp.argmax(rows, axis=-1)
+    y1 = h - xp.argmax(rows[..., ::-1], axis=-1)
+    x0 = xp.argmax(cols, axis=-1)
+    x1 = w - xp.argmax(cols[..., ::-1], axis=-1)
+    boxes = xp.stack([x0, y0, x1, y1], axis=-1).astype(xp.float32)
+    return boxes * nonempty[..., None]
 
 
-def paste_alpha(masks_src, picks, xp=np):
-    """Union of the picked source masks, [H, W] uint8."""
-    h, w = masks_src.shape[1:]
-    if len(picks) == 0:
-        return xp.zeros((h, w), dtype=xp.uint8)
-    return masks_src[xp.asarray(picks)].max(axis=0)
+_UNION_KERNEL = None
+
+
+def masked_union(masks, sel, xp=np):
+    """alpha[b] = OR of masks[b, n] over the n with sel[b, n]: [B, N, H, W] x [B, N] -> [B, H, W] bool.
+    On the GPU one reduction kernel (no [B, N, H, W] temporary); this NumPy expression is its reference."""
+    if xp is np:
+        return (masks & sel[:, :, None, None].astype(np.uint8)).any(axis=1)
+    global _UNION_KERNEL
+    if _UNION_KERNEL is None:
+        _UNION_KERNEL = xp.ReductionKernel("T m, T s", "T y", "m & s", "a | b", "y = a", "0", "dali_scp_masked_union")
+    return _UNION_KERNEL(masks, sel[:, :, None, None].astype(masks.dtype), axis=1).astype(bool)
+
+
+def copy_paste_batched(images, masks, counts, boxes, labels, src, sel, cfg: CopyPaste, xp=np):
+    """The whole batch at once, a fixed handful of array operations whatever the batch size (the GPU
+    form; on NumPy the reference the CPU fast path is tested against).
+
+    images [B, H, W, 3] uint8; masks [B, N, H, W] uint8 (rows >= counts[b] are padding); boxes
+    [B, N, 4]; labels [B, N]; src [B] source of each destination (-1: none); sel [B, N] bool: which
+    objects of ``src[b]`` destination b receives. Returns images, masks [B, M, H, W], boxes [B, M, 4],
+    labels [B, M], pasted flags [B, M] uint8 and the per-sample counts [B] (rows beyond are zero).
+    """
+    B, N, H, W = masks.shape
+    ar_b = xp.arange(B)
+    src = xp.asarray(src)
+    valid = xp.arange(N)[None, :] < xp.asarray(counts)[:, None]
+    has = src >= 0
+    s_idx = xp.where(has, src, ar_b)
+    sel = xp.asarray(sel, dtype=bool) & has[:, None] & valid[s_idx]
+    # every source serves one destination (a permutation), so the union is taken per source
+    sel_by_src = xp.zeros_like(sel)
+    sel_by_src[s_idx[has]] = sel[has]
+    alpha = masked_union(masks, sel_by_src, xp)[s_idx]
+    if cfg.blend_sigma > 0:
+        a = xpm.gaussian_filter(xp, alpha.astype(xp.float32), (0, cfg.blend_sigma, cfg.blend_sigma))[..., None]
+        blended = a * images[s_idx].astype(xp.float32) + (1.0 - a) * images.astype(xp.float32)
+        out_img = xp.clip(xp.rint(blended), 0, 255).astype(xp.uint8)
+    else:
+        out_img = xp.where(alpha[..., None], images[s_idx], images)
+    dst = masks * (~alpha)[:, None].astype(xp.uint8)
+    dst_boxes = mask_boxes(dst, xp)
+    area = dst.sum(axis=(2, 3), dtype=xp.int64)
+    moved_little = xp.all(xp.abs(dst_boxes - boxes) <= cfg.bbox_occluded_thr, axis=-1)
+    keep = valid & (moved_little | (area > cfg.mask_occluded_thr)) & (area > 0)
+    n_keep = keep.sum(axis=1)
+    n_out = n_keep + sel.sum(axis=1)
+    M = int(n_out.max()) if B else 0
+    slot_keep = xp.cumsum(keep, axis=1) - 1
+    slot_sel = n_keep[:, None] + xp.cumsum(sel, axis=1) - 1
+    out_m = xp.zeros((B, M, H, W), xp.uint8)
+    out_b = xp.zeros((B, M, 4), xp.float32)
+    out_l = xp.zeros((B, M), labels.dtype)
+    out_p = xp.zeros((B, M), xp.uint8)
+    bi, ni = xp.nonzero(keep)
+    ki = slot_keep[bi, ni]
+    out_m[bi, ki], out_b[bi, ki], out_l[bi, ki] = dst[bi, ni], dst_boxes[bi, ni], labels[bi, ni]
+    bj, nj = xp.nonzero(sel)
+    kj, sj = slot_sel[bj, nj], s_idx[bj]
+    pasted = masks[sj, nj]
+    out_m[bj, kj], out_b[bj, kj], out_l[bj, kj] = pasted, mask_boxes(pasted, xp), labels[sj, nj]
+    out_p[bj, kj] = 1
+    return out_img, out_m, out_b, out_l, out_p, n_out
+
+
+def stack_padded(arrays, xp=np):
+    """Per-sample [n_i, ...] arrays -> one [B, max n, ...] zero-padded array."""
+    n = max((a.shape[0] for a in arrays), default=0)
+    out = xp.zeros((len(arrays), n) + tuple(arrays[0].shape[1:]), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = a
+    return out
+
+
+def choices_to_selection(choices: Choices, n: int) -> np.ndarray:
+    sel = np.zeros((len(choices.picks), n), bool)
+    for b, p in enumerate(choices.picks):
+        sel[b, p] = True
+    return sel
 
 
 def copy_paste(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, xp=None):
-    """images: list of [H, W, 3] uint8 (one canvas size); masks/boxes/labels: per-sample lists of
-    [n, H, W] uint8, [n, 4] float32 xyxy, [n] ints. Returns the same four per-sample lists and a fifth,
-    ``pasted`` [n] uint8 (1 for objects that came from the source; for the visualiser)."""
+    """The pure function, per-sample lists in and out: images [H, W, 3] uint8 (one canvas size),
+    masks [n, H, W] uint8, boxes [n, 4] float32 xyxy (tight around the masks), labels [n]. Returns the
+    same four lists and a fifth, ``pasted`` [n] uint8 (1 for objects that came from the source)."""
     xp = xp or xpm.get_xp(*images)
-    out_img, out_m, out_b, out_l, out_p = [], [], [], [], []
-    for b, img in enumerate(images):
-        s = int(choices.src[b])
-        picks = choices.picks[b]
-        if s < 0 or len(picks) == 0:
-            out_img.append(img), out_m.append(masks[b]), out_b.append(boxes[b]), out_l.append(labels[b])
-            out_p.append(xp.zeros(labels[b].shape[0], dtype=xp.uint8))
-            continue
-        alpha = paste_alpha(masks[s], picks, xp)
-        if cfg.blend_sigma > 0:
-            a = xpm.gaussian_filter(xp, alpha.astype(xp.float32), cfg.blend_sigma)[..., None]
-            blended = a * images[s].astype(xp.float32) + (1.0 - a) * img.astype(xp.float32)
-            out_img.append(xp.clip(xp.rint(blended), 0, 255).astype(xp.uint8))
-        else:
-            out_img.append(xp.where(alpha[..., None].astype(bool), images[s], img))
-        # destination objects lose what is covered; keep by mmdetection's occlusion rule
-        dst = masks[b] * (1 - alpha)[None]
-        dst_boxes = mask_boxes(dst, xp)
-        area = dst.sum(axis=(1, 2), dtype=xp.int64)
-        moved_little = xp.all(xp.abs(dst_boxes - boxes[b]) <= cfg.bbox_occluded_thr, axis=1)
-        keep = (moved_little | (area > cfg.mask_occluded_thr)) & (area > 0)
-        kidx = xp.nonzero(keep)[0]
-        pidx = xp.asarray(picks)
-        pasted = masks[s][pidx]
-        out_m.append(xp.concatenate([dst[kidx], pasted]))
-        out_b.append(xp.concatenate([dst_boxes[kidx], mask_boxes(pasted, xp)]))
-        out_l.append(xp.concatenate([labels[b][kidx], labels[s][pidx]]))
-        out_p.append(xp.concatenate([xp.zeros(kidx.shape[0], xp.uint8), xp.ones(pidx.shape[0], xp.uint8)]))
-    return out_img, out_m, out_b, out_l, out_p
+    counts = [int(lab.shape[0]) for lab in labels]
+    m = stack_padded(masks, xp)
+    sel = xp.asarray(choices_to_selection(choices, m.shape[1]))
+    out = copy_paste_batched(xp.stack(images), m, xp.asarray(counts), stack_padded(boxes, xp),
+                             stack_padded([xp.asarray(lab) for lab in labels], xp), xp.asarray(choices.src), sel, cfg, xp)
+    n_out = xpm.to_numpy(out[5])
+    return (list(out[0]),) + tuple([x[b, : n_out[b]] for b in range(len(images))] for x in out[1:5])
 
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
@@ -198,13 +249,3 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
         out_l.append(np.array([p[4] for p in plan], dtype=labels[0].dtype if len(labels) else np.int32))
         out_p.append(np.array([p[5] for p in plan], np.uint8))
     return out_img, list(packed), out_b, out_l, out_p
-
-
-def pad_masks(masks, xp=np):
-    """Per-sample [n_i, H, W] -> per-sample [max n, H, W] views of one zero-padded batch array."""
-    nmax = max((m.shape[0] for m in masks), default=0)
-    h, w = masks[0].shape[1:] if masks else (0, 0)
-    out = xp.zeros((len(masks), nmax, h, w), dtype=xp.uint8)
-    for i, m in enumerate(masks):
-        out[i, : m.shape[0]] = m
-    return list(out)

@@ -10,7 +10,8 @@ from collections import defaultdict
 import numpy as np
 
 from dali_scp import xp as xpm
-from dali_scp.copy_paste import copy_paste, copy_paste_packed, draw_choices, pad_masks
+from dali_scp.copy_paste import (choices_to_selection, copy_paste_batched, copy_paste_packed, draw_choices,
+                                 stack_padded)
 from dali_scp.presets import CopyPaste
 from dali_scp.raster import rasterize_batch
 
@@ -103,8 +104,17 @@ class CopyPasteStage:
         del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
         if xp is np:
             return copy_paste_packed(images, masks, boxes, labels, choices, self.cfg)
-        # GPU: dense and batched (bandwidth is plentiful, launches are not)
-        masks = [xpm.unpackbits(xp, m[: len(l)]) for m, l in zip(masks, labels)]
-        out = list(copy_paste(images, masks, boxes, labels, choices, self.cfg, xp))
-        out[1] = [xpm.packbits(xp, m) for m in pad_masks(out[1], xp)]
-        return tuple(out)
+        return self.dense(images, masks, boxes, labels, choices, self.cfg, xp)
+
+    @staticmethod
+    def dense(images, masks, boxes, labels, choices, cfg, xp):
+        """The GPU form: dense and batched, a fixed handful of kernels per batch whatever its size
+        (bandwidth is plentiful there). Packed masks in and out, like the CPU path."""
+        dense = xpm.unpackbits(xp, xp.stack(masks))
+        sel = xp.asarray(choices_to_selection(choices, dense.shape[1]))
+        img, m, b, lab, p, n = copy_paste_batched(
+            xp.stack(images), dense, xp.asarray([len(l) for l in labels]), stack_padded(boxes, xp),
+            stack_padded(labels, xp), xp.asarray(choices.src), sel, cfg, xp)
+        n = xpm.to_numpy(n)
+        return (list(img), list(xpm.packbits(xp, m)), [b[i, : n[i]] for i in range(len(n))],
+                [lab[i, : n[i]] for i in range(len(n))], [p[i, : n[i]] for i in range(len(n))])

@@ -65,6 +65,33 @@ def test_copy_paste_gpu_equals_cpu_bit_for_bit(blend):
         np.testing.assert_array_equal(x, np.unpackbits(y[: len(x)], axis=-1))
 
 
+def test_masked_union_kernel_equals_its_numpy_reference():
+    import cupy as cp
+    from dali_scp.copy_paste import masked_union
+    rng = np.random.default_rng(0)
+    m = (rng.random((5, 7, 33, 41)) < 0.2).astype(np.uint8)
+    sel = rng.random((5, 7)) < 0.5
+    np.testing.assert_array_equal(masked_union(m, sel, np), cp.asnumpy(masked_union(cp.asarray(m), cp.asarray(sel), cp)))
+
+
+def test_stage_dense_form_on_gpu_equals_cpu_packed_form():
+    import cupy as cp
+    from pipelines.stages import CopyPasteStage
+    polys, verts, counts = _random_batch(11)
+    masks, boxes, kept = rasterize_batch(polys, verts, counts, 256, 320, np)
+    packed = [np.packbits(m, axis=-1) for m in masks]
+    labels = [np.arange(len(k), dtype=np.int32) for k in kept]
+    images = [np.random.default_rng(i).integers(0, 256, (256, 320, 3), dtype=np.uint8) for i in range(len(kept))]
+    cfg = CopyPaste()
+    ch = draw_choices(np.random.default_rng(3), [len(l) for l in labels], cfg)
+    cpu = copy_paste_packed(images, packed, boxes, labels, ch, cfg)
+    g = lambda xs: [cp.asarray(x) for x in xs]  # noqa: E731
+    gpu = CopyPasteStage.dense(g(images), g(packed), g(boxes), g(labels), ch, cfg, cp)
+    for a, b in zip(cpu, gpu):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, cp.asnumpy(y))
+
+
 @pytest.mark.parametrize("name", ["ssj", "ssj_scp"])
 def test_gpu_pipeline_matches_cpu_pipeline(name, syn_train):
     """Same seed: the random choices are identical, so masks/boxes/labels must agree exactly and the
