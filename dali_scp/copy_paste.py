@@ -164,7 +164,13 @@ def copy_paste(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, x
     return (list(out[0]),) + tuple([x[b, : n_out[b]] for b in range(len(images))] for x in out[1:5])
 
 
-POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _popcount(a) -> int:
+    if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
+        return int(np.bitwise_count(a).sum(dtype=np.int64))
+    return int(POPCOUNT[a].sum(dtype=np.int64))
 
 
 def _window8(box, h, w):
@@ -185,7 +191,7 @@ def _tight_packed(sub, win):
                     np.float32)
 
 
-def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste):
+def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, out=None, written=None):
     """The CPU fast path of ``copy_paste``, on bit-packed masks ([n, H, W/8], see ``xp.packbits``):
     identical output (tested against it), but every mask operation works on the packed bytes of the
     object's box only, so cost follows the objects' area, and masks move through DALI and into
@@ -194,6 +200,9 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
     Precondition (true inside the pipeline, where boxes come from the rasteriser): each box contains
     its mask. ``masks[b]`` may carry zero padding beyond ``len(labels[b])`` rows. Returns images,
     packed masks padded to [Nmax, H, W/8] per sample, boxes, labels, pasted flags.
+
+    ``out``: an all-zero [B, capacity, H, W/8] buffer to write the masks into (fresh pages cost more
+    than the writes); the windows written are appended to ``written`` so the caller can re-zero them.
     """
     h, w = images[0].shape[:2]
     out_img, plans = [], []
@@ -222,8 +231,10 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
         else:
             new = img.copy()
             pix = (slice(ys0, ys1), slice(bs0 * 8, bs1 * 8))
-            sel = np.unpackbits(alpha[ys0:ys1, bs0:bs1], axis=-1).astype(bool)
-            new[pix][sel] = images[s][pix][sel]
+            # select by bit arithmetic, dst ^ ((dst ^ src) & 0xFF-mask): SIMD-friendly, 5x a masked copy
+            m = np.repeat(np.unpackbits(alpha[ys0:ys1, bs0:bs1], axis=-1) * np.uint8(255), 3, axis=-1)
+            d, sv = new[pix], images[s][pix]
+            d[...] = d ^ ((d ^ sv) & m.reshape(d.shape))
             out_img.append(new)
         plan = []
         for j in range(n):
@@ -233,18 +244,24 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
             if box is None:
                 continue
             moved_little = bool(np.all(np.abs(box - boxes[b][j]) <= cfg.bbox_occluded_thr))
-            if moved_little or int(POPCOUNT[sub].sum()) > cfg.mask_occluded_thr:
+            if moved_little or _popcount(sub) > cfg.mask_occluded_thr:
                 plan.append((None, win, sub, box, labels[b][j], 0))
         for j in picks:
             win = _window8(boxes[s][j], h, w)
             plan.append((masks[s][j], win, None, _tight_packed(masks[s][j][win], win), labels[s][j], 1))
         plans.append(plan)
     nmax = max((len(p) for p in plans), default=0)
-    packed = np.zeros((len(plans), nmax, h, w // 8), np.uint8)
+    if out is not None and out.shape[0] == len(plans) and out.shape[1] >= nmax and out.shape[2:] == (h, w // 8):
+        packed = out[:, :nmax]
+    else:
+        packed = np.zeros((len(plans), nmax, h, w // 8), np.uint8)
+        written = None
     out_b, out_l, out_p = [], [], []
     for b, plan in enumerate(plans):
         for i, (full, win, sub, _, _, _) in enumerate(plan):
             packed[b, i][win] = sub if sub is not None else full[win]
+            if written is not None:
+                written.append((b, i, win))
         out_b.append(np.array([p[3] for p in plan], np.float32).reshape(-1, 4))
         out_l.append(np.array([p[4] for p in plan], dtype=labels[0].dtype if len(labels) else np.int32))
         out_p.append(np.array([p[5] for p in plan], np.uint8))

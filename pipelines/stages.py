@@ -90,6 +90,16 @@ class CopyPasteStage:
         self.cfg = cfg
         self.seed = seed
         self.batch = start_batch
+        self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
+
+    def _buffer(self, b: int, n: int, h: int, wb: int):
+        a = self._arena
+        for i, j, win in self._written:  # re-zero what the last batch wrote
+            a[i, j][win] = 0
+        self._written = []
+        if a is None or a.shape[0] != b or a.shape[1] < n or a.shape[2:] != (h, wb):
+            self._arena = np.zeros((b, max(n, 64), h, wb), np.uint8)
+        return self._arena
 
     @timed("copy_paste")
     def __call__(self, images, masks, boxes, labels, pasted):
@@ -103,7 +113,9 @@ class CopyPasteStage:
         xp = xpm.get_xp(*images)
         del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
         if xp is np:
-            return copy_paste_packed(images, masks, boxes, labels, choices, self.cfg)
+            cap = sum(len(lab) for lab in labels)  # enough for any destination's kept + pasted
+            out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
+            return copy_paste_packed(images, masks, boxes, labels, choices, self.cfg, out, self._written)
         return self.dense(images, masks, boxes, labels, choices, self.cfg, xp)
 
     @staticmethod
