@@ -12,16 +12,12 @@ users can call it outside DALI and the GPU result can be compared with the CPU o
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from dali_scp import xp as xpm
 from dali_scp.presets import CopyPaste
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class Choices:

@@ -16,7 +16,6 @@ their polygons.
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import logging
 import os

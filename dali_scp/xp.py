@@ -19,10 +19,6 @@ def get_xp(*arrays):
     return np
 
 
-def module(device: str):
-    return require_cupy() if device == "gpu" else np
-
-
 def to_numpy(a):
     return a.get() if type(a).__module__.startswith("cupy") else np.asarray(a)
 

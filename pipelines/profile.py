@@ -86,7 +86,7 @@ def _summary(lat, wall, cpu, batch, threads):
 
 
 def profile_decode(split, device, batch, threads, warmup, iters, annotations):
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import pipeline_def
     from pipelines import blocks
 
     @pipeline_def

@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import sys
