@@ -100,8 +100,9 @@ def fit_resize(jpegs, images, cfg: presets.EvalResize):
 
 
 def instance_masks(polygons, vertices, labels, out_size: int, device: str):
-    """Rasterise every instance at the output resolution; drop those cropped away. Returns masks,
-    boxes, category ids and the ``pasted`` flags (all 0 here)."""
+    """Rasterise every instance at the output resolution; drop those cropped away. Returns masks
+    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes, category ids and the
+    ``pasted`` flags (all 0 here)."""
     stage = RasterizeStage(out_size, out_size)
     if device == "gpu":
         polygons, vertices, labels = polygons.gpu(), vertices.gpu(), labels.gpu()

@@ -79,7 +79,8 @@ class RasterizeStage:
 
 
 class CopyPasteStage:
-    """Draws the pairing and selection, then calls the pure ``copy_paste``.
+    """Draws the pairing and selection, then runs copy-paste: ``copy_paste_packed`` on the CPU, the
+    dense batched form (``dense``) on the GPU; both are tested to give the same result.
 
     The random stream of batch k is ``default_rng([seed, k])``, not one long stream: a resumed run
     (DALI restores its own readers and random operators from a checkpoint) only has to tell the stage
