@@ -281,7 +281,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "checkpoint" not in str(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
