@@ -3,6 +3,7 @@ GPU). They hold the only state of the custom stages: output size, recipe paramet
 copy-paste random generator (seeded, so the same seed gives the same batches)."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ STAGE_SECONDS: dict = defaultdict(float)
 
 def timed(name):
     def deco(fn):
+        @functools.wraps(fn)
         def wrapper(*args):
             t = time.perf_counter()
             try:

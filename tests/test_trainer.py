@@ -35,7 +35,8 @@ def test_presets_are_the_seed_recipes():
     assert "demo" in RECIPES
 
 
-def test_default_recipe_and_lr_scaling(syn_root, tmp_path, capsys):
+def test_default_recipe_follows_the_dataset(syn_root):
+    """demo without a dataset, the 90k recipe of the chosen pipeline with one (lr scaling: DDP test)."""
     a = run_mod.parse_args(["--pipeline", "lsj", "--coco-root", str(syn_root)])
     assert run_mod.resolve_recipe(a).name == "r50_lsj_90k"
     a = run_mod.parse_args(["--pipeline", "ssj"])
