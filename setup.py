@@ -25,8 +25,8 @@ setup(
     ],
     extras_require={
         "cpu": ["nvidia-dali-cuda120>=2.0"],
-        "cuda12": ["nvidia-dali-cuda120>=2.0", "cupy-cuda12x>=13"],
-        "cuda13": ["nvidia-dali-cuda130>=2.0", "cupy-cuda13x>=13"],
+        "cuda12": ["nvidia-dali-cuda120>=2.0", "cupy-cuda12x>=14.1"],
+        "cuda13": ["nvidia-dali-cuda130>=2.0", "cupy-cuda13x>=14.1"],
         "test": ["pytest>=7", "hypothesis>=6"],
     },
 )

@@ -65,23 +65,15 @@ def mask_boxes(masks, xp=np):
     return boxes * nonempty[..., None]
 
 
-_UNION_KERNEL = None
-
-
 def masked_union(masks, sel, xp=np):
-    """alpha[b] = OR of masks[b, n] over the n with sel[b, n]: [B, N, H, W] x [B, N] -> [B, H, W] bool.
-    On the GPU one reduction kernel (no [B, N, H, W] temporary); this NumPy expression is its reference."""
-    if xp is np:
-        return (masks & sel[:, :, None, None].astype(np.uint8)).any(axis=1)
-    global _UNION_KERNEL
-    if _UNION_KERNEL is None:
-        _UNION_KERNEL = xp.ReductionKernel("T m, T s", "T y", "m & s", "a | b", "y = a", "0", "dali_scp_masked_union")
-    return _UNION_KERNEL(masks, sel[:, :, None, None].astype(masks.dtype), axis=1).astype(bool)
+    """alpha[b] = OR of masks[b, n] over the n with sel[b, n]: [B, N, H, W] x [B, N] -> [B, H, W] bool."""
+    return (masks & sel[:, :, None, None].astype(xp.uint8)).any(axis=1)
 
 
 def copy_paste_batched(images, masks, counts, boxes, labels, src, sel, cfg: CopyPaste, xp=np):
-    """The whole batch at once, a fixed handful of array operations whatever the batch size (the GPU
-    form; on NumPy the reference the CPU fast path is tested against).
+    """The reference: the whole batch at once on dense masks, as plainly as the semantics can be
+    written. Every other form (``copy_paste_packed`` on the CPU, ``copy_paste_packed_batched`` on the
+    GPU) is tested equal to it bit for bit.
 
     images [B, H, W, 3] uint8; masks [B, N, H, W] uint8 (rows >= counts[b] are padding); boxes
     [B, N, 4]; labels [B, N]; src [B] source of each destination (-1: none); sel [B, N] bool: which
@@ -262,3 +254,148 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
         out_l.append(np.array([p[4] for p in plan], dtype=labels[0].dtype if len(labels) else np.int32))
         out_p.append(np.array([p[5] for p in plan], np.uint8))
     return out_img, list(packed), out_b, out_l, out_p
+
+
+# Per-byte lookup tables for boxes from packed rows: leading zeros (first pixel = high bit), trailing
+# zeros, both 8 for an empty byte, and the popcount (where ``xp.bitwise_count`` is missing).
+_BYTE_LUT = np.array([[8 - i.bit_length() for i in range(256)],
+                      [8 if i == 0 else (i & -i).bit_length() - 1 for i in range(256)],
+                      [bin(i).count("1") for i in range(256)]], np.uint8)
+
+
+@dataclass
+class _Plan:
+    """Everything copy-paste decides on the host (from the choices and the batch's shapes), uploaded to
+    the device in one transfer."""
+    sel_by_src: np.ndarray   # [B, N] bool: objects of sample s pasted somewhere
+    s_idx: np.ndarray        # [B] source of each destination (itself when none)
+    valid: np.ndarray        # [B, N] real (not padding) objects
+    box_rows: np.ndarray     # [T] row in the [B * N] layout of each input object
+    paste_rows: np.ndarray   # [Tsel] row in the [B * N] layout of each pasted object
+    paste_obj: np.ndarray    # [Tsel] its index among the input objects (compact order)
+    paste_dst: np.ndarray    # [Tsel] destination sample
+    paste_rank: np.ndarray   # [Tsel] rank among the destination's pasted objects
+    n_sel: np.ndarray        # [B] objects pasted into each destination
+
+    @classmethod
+    def make(cls, counts, choices: Choices, n: int) -> "_Plan":
+        B = len(counts)
+        obj_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        valid = np.arange(n)[None, :] < np.asarray(counts)[:, None]
+        s_idx = np.where(choices.src >= 0, choices.src, np.arange(B)).astype(np.int64)
+        sel_by_src = np.zeros((B, n), bool)
+        picks = [np.asarray(p, np.int64) if choices.src[b] >= 0 else np.zeros(0, np.int64)
+                 for b, p in enumerate(choices.picks)]
+        for b, p in enumerate(picks):
+            sel_by_src[s_idx[b], p] = True
+        n_sel = np.array([len(p) for p in picks], np.int64)
+        paste_dst = np.repeat(np.arange(B), n_sel)
+        src_of = s_idx[paste_dst]
+        flat = np.concatenate(picks) if picks else np.zeros(0, np.int64)
+        box_rows = np.concatenate([b * n + np.arange(c) for b, c in enumerate(counts)]).astype(np.int64) \
+            if B else np.zeros(0, np.int64)
+        return cls(sel_by_src, s_idx, valid, box_rows, src_of * n + flat, obj_off[src_of] + flat, paste_dst,
+                   xpm.ranks_within(np, n_sel), n_sel)
+
+    def upload(self, xp) -> "_Plan":
+        fields = [getattr(self, k) for k in self.__dataclass_fields__]
+        dev = xp.asarray(np.concatenate([np.asarray(f, np.int64).ravel() for f in fields]))
+        out, at = [], 0
+        for f in fields:
+            out.append(dev[at:at + f.size].reshape(f.shape))
+            at += f.size
+        return _Plan(*out)
+
+
+def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, xp=np):
+    """The GPU form of ``copy_paste`` (also run on NumPy in CI): the whole batch on bit-packed masks,
+    never a dense mask. Alpha is an OR of packed rows, occlusion an AND-NOT, areas a popcount, boxes come
+    from the packed rows and columns; a fixed number of array operations per batch whatever its size,
+    one blocking host sync (how many destination objects survive, which sizes the output).
+
+    Per-sample lists in, as DALI hands them over: images [H, W, 3] uint8, packed masks [N_b, H, W/8]
+    (rows beyond the sample's objects are padding), boxes [n_b, 4] tight around the masks (the
+    rasteriser's; pasted objects keep them, as in mmdetection), labels [n_b]. Returns per-sample lists:
+    images, packed masks [M, H, W/8] (M the batch's largest output count, zero rows after the sample's
+    own), boxes, labels, pasted flags (uint8).
+    """
+    B = len(images)
+    counts = [int(lab.shape[0]) for lab in labels]
+    H, W = int(images[0].shape[0]), int(images[0].shape[1])
+    Wb = int(masks[0].shape[-1])
+    rows = [int(m.shape[0]) for m in masks]
+    N = max(rows + [1])
+    host = _Plan.make(counts, choices, N)
+    plan = host.upload(xp)
+    # the batch as one array per input (one kernel each, whatever B)
+    img = xpm.gather_samples(xp, images).reshape(B, H, W, 3)
+    m = xpm.gather_samples(xp, masks)
+    if rows != [N] * B:  # ragged input (the list API): pad to [B, N]
+        padded = xp.zeros((B * N + 1, H, Wb), xp.uint8)
+        padded[plan.box_rows] = m[xp.asarray(np.concatenate([np.arange(c) + o for c, o in
+                                                               zip(counts, np.cumsum([0] + rows[:-1]))]))]
+        m = padded[: B * N]
+    m = m.reshape(B, N, H, Wb)
+    box_in = xpm.gather_samples(xp, boxes, (4,)).astype(xp.float32)
+    lab_in = xpm.gather_samples(xp, labels, ())
+    # alpha per source (each source serves one destination), then per destination
+    alpha = xpm.masked_or(xp, m, plan.sel_by_src > 0)[plan.s_idx]
+    a = xpm.unpackbits(xp, alpha)[..., :W] > 0
+    if cfg.blend_sigma > 0:
+        af = xpm.gaussian_filter(xp, a.astype(xp.float32), (0, cfg.blend_sigma, cfg.blend_sigma))[..., None]
+        blended = af * img[plan.s_idx].astype(xp.float32) + (1.0 - af) * img.astype(xp.float32)
+        out_img = xp.clip(xp.rint(blended), 0, 255).astype(xp.uint8)
+    else:
+        out_img = xp.where(a[..., None], img[plan.s_idx], img)
+    del a
+    # pasted objects leave before the destinations lose the covered pixels (in place)
+    pasted = m.reshape(B * N, H, Wb)[plan.paste_rows]
+    m &= (~alpha)[:, None]
+    # boxes and areas of what is left of every destination object
+    lut = xp.asarray(_BYTE_LUT)
+    row_any = (m.max(axis=-1) > 0).astype(xp.uint8)          # [B, N, H]
+    col_any = (m.max(axis=2) > 0).astype(xp.uint8)           # [B, N, Wb]
+    nonempty = row_any.max(axis=-1) > 0
+    y0 = xp.argmax(row_any, axis=-1)
+    y1 = H - xp.argmax(row_any[..., ::-1], axis=-1)
+    j0 = xp.argmax(col_any, axis=-1)
+    j1 = Wb - 1 - xp.argmax(col_any[..., ::-1], axis=-1)
+    ib, jn = xp.arange(B)[:, None], xp.arange(N)[None, :]
+    x0 = 8 * j0 + lut[0][m[ib, jn, :, j0]].min(axis=-1)
+    x1 = 8 * j1 + 8 - lut[1][m[ib, jn, :, j1]].min(axis=-1)
+    dst_boxes = xp.stack([x0, y0, x1, y1], axis=-1).astype(xp.float32) * nonempty[..., None]
+    pop = xp.bitwise_count(m) if hasattr(xp, "bitwise_count") else lut[2][m]
+    area = pop.sum(axis=(2, 3), dtype=xp.int32)
+    del pop
+    old = xp.zeros((B * N + 1, 4), xp.float32)
+    old[plan.box_rows] = box_in
+    moved_little = xp.all(xp.abs(dst_boxes - old[: B * N].reshape(B, N, 4)) <= cfg.bbox_occluded_thr, axis=-1)
+    keep = (plan.valid > 0) & (moved_little | (area > cfg.mask_occluded_thr)) & (area > 0)
+    n_keep_d = keep.sum(axis=1)
+    n_keep = xpm.to_numpy(n_keep_d)  # host sync: sizes the output
+    n_out = n_keep + host.n_sel
+    M = int(n_out.max()) if B else 0
+    T = int(n_out.sum())
+    o_off = np.concatenate([[0], np.cumsum(n_out)]).astype(np.int64)
+    off = xp.asarray(o_off)
+    # kept objects, then pasted ones; rows of padding (and dropped objects) go to a dump row
+    rank = xp.cumsum(keep, axis=1) - 1
+    out_m = xp.zeros((B * M + 1, H, Wb), xp.uint8)
+    out_m[xp.where(keep, ib * M + rank, B * M).reshape(-1)] = m.reshape(B * N, H, Wb)
+    out_m[plan.paste_dst * M + n_keep_d[plan.paste_dst] + plan.paste_rank] = pasted
+    del m, pasted
+    keep_at = xp.where(keep, off[:-1][:, None] + rank, T).reshape(-1)
+    paste_at = off[plan.paste_dst] + n_keep_d[plan.paste_dst] + plan.paste_rank
+    out_b = xp.zeros((T + 1, 4), xp.float32)
+    out_b[keep_at] = dst_boxes.reshape(B * N, 4)
+    out_b[paste_at] = box_in[plan.paste_obj]
+    lab_pad = xp.zeros(B * N + 1, lab_in.dtype)
+    lab_pad[plan.box_rows] = lab_in
+    out_l = xp.zeros(T + 1, lab_in.dtype)
+    out_l[keep_at] = lab_pad[: B * N]
+    out_l[paste_at] = lab_in[plan.paste_obj]
+    out_p = xp.zeros(T + 1, xp.uint8)
+    out_p[paste_at] = 1
+    out_m = out_m[: B * M].reshape(B, M, H, Wb)
+    cut = lambda x: [x[o_off[b]:o_off[b + 1]] for b in range(B)]  # noqa: E731
+    return [out_img[b] for b in range(B)], [out_m[b] for b in range(B)], cut(out_b), cut(out_l), cut(out_p)

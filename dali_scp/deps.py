@@ -27,18 +27,40 @@ def require_dali():
     return dali
 
 
+# CuPy 14.1: sorts that do not synchronise the stream (13.x's Thrust sort blocks the host on every call)
+# and 64-bit integer atomics.
+MIN_CUPY = (14, 1)
+
+
 def require_cupy():
     try:
         import cupy
     except ImportError as e:
         raise MissingDependency(f"the GPU path needs CuPy, which is not importable ({e}); {INSTALL_HINT}") from e
+    version = tuple(int(p) for p in cupy.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_CUPY:
+        raise MissingDependency(f"the GPU path needs CuPy >= {MIN_CUPY[0]}.{MIN_CUPY[1]} (found {cupy.__version__}): "
+                                f"upgrade it with `pip install -U cupy-cuda12x` or `cupy-cuda13x`")
     return cupy
 
 
-def gpu_available() -> bool:
-    """True when a CUDA device is usable by CuPy (the GPU operators) - not merely installed."""
+def gpu_problem() -> str | None:
+    """Why the GPU path cannot run here (None when it can): CuPy, its version, a device, DALI for CUDA."""
     try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+        cupy = require_cupy()
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+    except Exception as e:  # noqa: BLE001 - any failure means 'not usable', and the message says which
+        return str(e).splitlines()[0]
+    try:
+        from nvidia.dali.backend import GetCUDADeviceCount
+        if GetCUDADeviceCount() < 1:
+            return "DALI sees no CUDA device (is the nvidia-dali wheel built for this CUDA?)"
+    except Exception as e:  # noqa: BLE001
+        return f"DALI cannot use CUDA here: {str(e).splitlines()[0]}"
+    return None
+
+
+def gpu_available() -> bool:
+    """True when the GPU path can run: CuPy >= 14.1 with a CUDA device, and DALI for CUDA."""
+    return gpu_problem() is None

@@ -99,23 +99,42 @@ def fit_resize(jpegs, images, cfg: presets.EvalResize):
     return images, fn.stack(r, oh, ow, 0.0 * r), fn.stack(h, w)
 
 
+# COCO train2017's most crowded image has 93 instances: the worst case the output hints are sized for.
+# (DALI 2.x's default dynamic executor sizes python_function outputs itself and ignores the hints; the
+# legacy executor preallocates from them.)
+MAX_INSTANCES = 93
+
+
+def _hints(out_size: int, rows: int, image: bool = False) -> list:
+    masks = rows * out_size * (out_size // 8)
+    per_object = [rows * 16, rows * 4] + ([rows] if image else [])  # boxes, ids, pasted flags
+    return ([out_size * out_size * 3] if image else []) + [masks] + per_object
+
+
 def instance_masks(polygons, vertices, labels, out_size: int, device: str):
     """Rasterise every instance at the output resolution; drop those cropped away. Returns masks
-    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes, category ids and the
-    ``pasted`` flags (all 0 here)."""
+    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes and category ids."""
     stage = RasterizeStage(out_size, out_size)
     if device == "gpu":
         polygons, vertices, labels = polygons.gpu(), vertices.gpu(), labels.gpu()
-    return fn.python_function(polygons, vertices, labels, function=stage, num_outputs=4,
+    return fn.python_function(polygons, vertices, labels, function=stage, num_outputs=3,
+                              bytes_per_sample_hint=_hints(out_size, MAX_INSTANCES),
                               batch_processing=True, device=device)
 
 
-def copy_paste(images, masks, boxes, labels, pasted, cfg: presets.CopyPaste, device: str, seed: int,
+def copy_paste(images, masks, boxes, cat_ids, cfg: presets.CopyPaste, out_size: int, device: str, seed: int,
                start_batch: int = 0):
+    """Returns images, masks (bit-packed, padded), boxes, category ids and the ``pasted`` flags."""
     stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch)
-    return fn.python_function(images, masks, boxes, labels, pasted, function=stage, num_outputs=5,
-                              bytes_per_sample_hint=[4 << 20, 96 << 20, 2048, 512, 128],
+    rows = MAX_INSTANCES + min(MAX_INSTANCES, cfg.max_num_pasted)  # a destination's own + pasted objects
+    return fn.python_function(images, masks, boxes, cat_ids, function=stage, num_outputs=5,
+                              bytes_per_sample_hint=_hints(out_size, rows, image=True),
                               batch_processing=True, device=device)
+
+
+def no_paste_flags(cat_ids):
+    """All-zero ``pasted`` flags when no copy-paste runs (one per object)."""
+    return fn.cast(cat_ids * 0, dtype=types.UINT8)
 
 
 def padded_targets(masks, boxes, labels, pasted):

@@ -27,11 +27,12 @@ def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePres
     jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle)
     images = blocks.decode(jpegs, device)
     images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
-    masks, boxes, cat_ids, pasted = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size,
-                                                          device)
+    masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device)
     if preset.copy_paste is not None:
-        images, masks, boxes, cat_ids, pasted = blocks.copy_paste(images, masks, boxes, cat_ids, pasted,
-                                                                  preset.copy_paste, device, cp_seed, start_batch)
+        images, masks, boxes, cat_ids, pasted = blocks.copy_paste(images, masks, boxes, cat_ids, preset.copy_paste,
+                                                                  preset.jitter.out_size, device, cp_seed, start_batch)
+    else:
+        pasted = blocks.no_paste_flags(cat_ids)
     masks, boxes, cat_ids, pasted, counts = blocks.padded_targets(masks, boxes, cat_ids, pasted)
     return images, masks, boxes, cat_ids, pasted, counts, image_ids, geometry
 

@@ -221,7 +221,8 @@ def format_table(out: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipeline", default="all", choices=list(PIPELINES) + ["all"])
+    p.add_argument("--pipeline", nargs="+", default=["all"], choices=list(PIPELINES) + ["all"],
+                   help="one or more pipelines, or all (default)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--batch-size", type=int, default=8)
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write all figures and machine facts here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    names = list(PIPELINES) if a.pipeline == "all" else [a.pipeline]
+    names = list(PIPELINES) if "all" in a.pipeline else list(dict.fromkeys(a.pipeline))
     try:
         out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size)
     except (FileNotFoundError, ValueError) as e:

@@ -11,10 +11,9 @@ from collections import defaultdict
 import numpy as np
 
 from dali_scp import xp as xpm
-from dali_scp.copy_paste import (choices_to_selection, copy_paste_batched, copy_paste_packed, draw_choices,
-                                 stack_padded)
+from dali_scp.copy_paste import copy_paste_packed, copy_paste_packed_batched, draw_choices
 from dali_scp.presets import CopyPaste
-from dali_scp.raster import rasterize_batch
+from dali_scp.raster import rasterize_batch, rasterize_packed_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +36,11 @@ def timed(name):
 
 
 class RasterizeStage:
-    """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. On the CPU the dense
-    masks are written into a reused zero buffer (re-zeroed box by box), because faulting in fresh
-    pages for objects x 1024^2 bytes costs more than rasterising."""
+    """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. On the GPU they are
+    rasterised straight into packed bits (``rasterize_packed_batch``: a fixed set of kernels, two host
+    syncs per batch). On the CPU the dense masks are written into a reused zero buffer (re-zeroed box by
+    box), because faulting in fresh pages for objects x 1024^2 bytes costs more than rasterising, then
+    packed window by window; both forms are tested equal bit for bit."""
 
     def __init__(self, height: int, width: int):
         self.height, self.width = height, width
@@ -68,21 +69,19 @@ class RasterizeStage:
     @timed("masks")
     def __call__(self, polygons, vertices, labels):
         xp = xpm.get_xp(*vertices)
-        counts = [int(l.shape[0]) for l in labels]
-        out = self._buffer(len(counts), max(counts, default=0)) if xp is np else None
-        masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, xp, out=out)
-        if out is None:
-            masks = [xpm.packbits(xp, m) for m in masks]
-        else:
-            masks = self._pack_windows(masks, boxes)
-        labels = [xp.ascontiguousarray(l.reshape(-1)[k]).astype(xp.int32) for l, k in zip(labels, kept)]
-        pasted = [xp.zeros(k.shape[0], dtype=xp.uint8) for k in kept]
-        return masks, boxes, labels, pasted
+        if xp is not np:
+            return rasterize_packed_batch(polygons, vertices, labels, self.height, self.width, xp)
+        counts = [int(lab.shape[0]) for lab in labels]
+        out = self._buffer(len(counts), max(counts, default=0))
+        masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, np, out=out)
+        cat_ids = [np.ascontiguousarray(lab.reshape(-1)[k]).astype(np.int32) for lab, k in zip(labels, kept)]
+        return self._pack_windows(masks, boxes), boxes, cat_ids
 
 
 class CopyPasteStage:
-    """Draws the pairing and selection, then runs copy-paste: ``copy_paste_packed`` on the CPU, the
-    dense batched form (``dense``) on the GPU; both are tested to give the same result.
+    """Draws the pairing and selection on the host, then runs copy-paste on bit-packed masks:
+    ``copy_paste_packed`` (box windows) on the CPU, ``copy_paste_packed_batched`` (the whole batch in a
+    fixed set of kernels, one host sync) on the GPU; both are tested equal to the reference bit for bit.
 
     The random stream of batch k is ``default_rng([seed, k])``, not one long stream: a resumed run
     (DALI restores its own readers and random operators from a checkpoint) only has to tell the stage
@@ -105,31 +104,17 @@ class CopyPasteStage:
         return self._arena
 
     @timed("copy_paste")
-    def __call__(self, images, masks, boxes, labels, pasted):
+    def __call__(self, images, masks, boxes, cat_ids):
         if len(images) < 2 and not CopyPasteStage._warned_single:
             log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")
             CopyPasteStage._warned_single = True
         rng = np.random.default_rng([self.seed, self.batch])
         self.batch += 1
-        labels = [l.reshape(-1) for l in labels]
-        choices = draw_choices(rng, [len(l) for l in labels], self.cfg)
+        cat_ids = [c.reshape(-1) for c in cat_ids]
+        choices = draw_choices(rng, [int(c.shape[0]) for c in cat_ids], self.cfg)
         xp = xpm.get_xp(*images)
-        del pasted  # objects are pasted once per batch; nothing upstream has pasted anything
-        if xp is np:
-            cap = sum(len(lab) for lab in labels)  # enough for any destination's kept + pasted
-            out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
-            return copy_paste_packed(images, masks, boxes, labels, choices, self.cfg, out, self._written)
-        return self.dense(images, masks, boxes, labels, choices, self.cfg, xp)
-
-    @staticmethod
-    def dense(images, masks, boxes, labels, choices, cfg, xp):
-        """The GPU form: dense and batched, a fixed handful of kernels per batch whatever its size
-        (bandwidth is plentiful there). Packed masks in and out, like the CPU path."""
-        dense = xpm.unpackbits(xp, xp.stack(masks))
-        sel = xp.asarray(choices_to_selection(choices, dense.shape[1]))
-        img, m, b, lab, p, n = copy_paste_batched(
-            xp.stack(images), dense, xp.asarray([len(l) for l in labels]), stack_padded(boxes, xp),
-            stack_padded(labels, xp), xp.asarray(choices.src), sel, cfg, xp)
-        n = xpm.to_numpy(n)
-        return (list(img), list(xpm.packbits(xp, m)), [b[i, : n[i]] for i in range(len(n))],
-                [lab[i, : n[i]] for i in range(len(n))], [p[i, : n[i]] for i in range(len(n))])
+        if xp is not np:
+            return copy_paste_packed_batched(images, masks, boxes, cat_ids, choices, self.cfg, xp)
+        cap = sum(len(c) for c in cat_ids)  # enough for any destination's kept + pasted
+        out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
+        return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written)

@@ -16,6 +16,8 @@ def pytest_collection_modifyitems(config, items):
     from dali_scp.deps import gpu_available
     if gpu_available():
         return
+    if os.environ.get("DALI_SCP_REQUIRE_GPU") == "1":
+        return  # scripts/gpu_check.sh: a GPU test that cannot run fails (pytest_runtest_setup), never skips
     skip = pytest.mark.skip(reason="no CUDA GPU here; scripts/gpu_check.sh runs these on a GPU machine")
     for item in items:
         if "gpu" in item.keywords:
@@ -44,3 +46,11 @@ def syn_ann(syn_train):
     for a in doc["annotations"]:
         by_img.setdefault(a["image_id"], []).append(a)
     return {im["id"]: (im, by_img.get(im["id"], [])) for im in doc["images"]}
+
+
+def pytest_runtest_setup(item):
+    if "gpu" in item.keywords and os.environ.get("DALI_SCP_REQUIRE_GPU") == "1":
+        from dali_scp.deps import gpu_problem
+        problem = gpu_problem()
+        if problem:
+            pytest.fail(f"DALI_SCP_REQUIRE_GPU=1 but the GPU path cannot run here: {problem}", pytrace=False)

@@ -1,13 +1,35 @@
-"""Copy-paste semantics (mmdetection's CopyPaste) on the pure NumPy function, and end to end."""
+"""Copy-paste semantics (mmdetection's CopyPaste) on the pure NumPy function, and end to end. The
+semantics are asserted on the reference (``copy_paste``) and every other form - the CPU box-window path,
+the GPU form run on NumPy and through the counting CuPy stand-in - must equal it bit for bit."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_scp.copy_paste import Choices, copy_paste, copy_paste_packed, derangement, draw_choices
+from dali_scp.copy_paste import (Choices, copy_paste, copy_paste_packed, copy_paste_packed_batched, derangement,
+                                  draw_choices)
+from dali_scp.cupy_standin import StandIn
 from dali_scp.presets import CopyPaste
 
 CFG = CopyPaste()
+
+
+def gpu_form(images, masks, boxes, labels, choices, cfg, xp=np):
+    """The GPU form behind the list API: packed in, per-sample [n_out] dense masks out."""
+    w = images[0].shape[1]
+    dev = (lambda xs: [xp.asarray(np.ascontiguousarray(x)) for x in xs]) if xp is not np else list
+    out = copy_paste_packed_batched(dev(images), dev([np.packbits(m, axis=-1) for m in masks]), dev(boxes),
+                                    dev(labels), choices, cfg, xp)
+    out = [[x.get() if xp is not np else x for x in o] for o in out]
+    masks = [np.unpackbits(m[: len(lab)], axis=-1)[..., :w] for m, lab in zip(out[1], out[3])]
+    return out[0], masks, out[2], out[3], out[4]
+
+
+def standin_form(*args):
+    return gpu_form(*args, xp=StandIn())
+
+
+FORMS = [copy_paste, gpu_form, standin_form]
 
 
 def full_box_masks(boxes, h, w):
@@ -22,7 +44,8 @@ def tight(mask):
     return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
-def test_mmdetection_scenario():
+@pytest.mark.parametrize("copy_paste", FORMS)
+def test_mmdetection_scenario(copy_paste):
     """mmdetection's unit test: all three source objects pasted, the second destination object is
     covered completely and dropped, the first loses area but stays."""
     w, h = 400, 300
@@ -49,7 +72,8 @@ def test_mmdetection_scenario():
 
 @pytest.mark.parametrize("moved,area_px,kept", [(10, 200, True), (11, 200, False), (11, 300, False),
                                                 (11, 301, True), (30, 0, False)])
-def test_occlusion_rule_at_its_thresholds(moved, area_px, kept):
+@pytest.mark.parametrize("copy_paste", FORMS)
+def test_occlusion_rule_at_its_thresholds(moved, area_px, kept, copy_paste):
     """Destination: a full 20 x (40 + moved) box. The source covers its first ``moved`` columns (the left
     edge moves by exactly that) and enough interior pixels to leave ``area_px`` (the border stays, so
     the box moves only on the left)."""
@@ -149,6 +173,11 @@ def test_copy_paste_properties(data):
         np.testing.assert_array_equal(wb[b], ob[b])
         np.testing.assert_array_equal(wl[b], ol[b])
         np.testing.assert_array_equal(wp[b], op[b])
+    # and so does the GPU form, on NumPy and through the CuPy stand-in
+    for form in (gpu_form, standin_form):
+        for x, y in zip(form(imgs, masks, boxes, labels, ch, cfg), (oi, om, ob, ol, op)):
+            for b in range(len(imgs)):
+                np.testing.assert_array_equal(x[b], y[b])
 
 
 def test_choices_follow_the_recipe():
@@ -168,7 +197,7 @@ def packed_impl(images, masks, *rest):
     return copy_paste_packed(images, [np.packbits(m, axis=-1) for m in masks], *rest)
 
 
-@pytest.mark.parametrize("impl", [copy_paste, packed_impl])
+@pytest.mark.parametrize("impl", [copy_paste, packed_impl, gpu_form])
 def test_blending_mixes_only_near_the_alpha_edge(impl):
     h, w = 40, 40
     src_img, dst_img = np.full((h, w, 3), 200, np.uint8), np.full((h, w, 3), 0, np.uint8)
@@ -211,12 +240,11 @@ def test_ssj_scp_pastes_objects_where_their_masks_say(syn_train, syn_ann):
 
 
 def test_gpu_stage_form_equals_cpu_stage_form_on_pipeline_batches(syn_train):
-    """The stage's dense batched (GPU) form, run here with NumPy, gives exactly what the CPU packed form
-    gives on real rasterised batches - so the GPU run differs from CI's only by the array library."""
-    from dali_scp.copy_paste import copy_paste_packed
+    """The stage's GPU form, run here with NumPy and through the CuPy stand-in, gives exactly what the
+    CPU packed form gives on real rasterised batches - so the GPU run differs from CI's only by the
+    array library."""
     from dali_scp.presets import pipeline_preset
     from pipelines.iterator import CocoLoader
-    from pipelines.stages import CopyPasteStage
     images, targets = next(iter(CocoLoader(pipeline_preset("ssj", out_size=256), syn_train, batch_size=6, seed=2)))
     imgs = list(images.numpy())
     masks = [np.packbits(t["masks"].numpy(), axis=-1) for t in targets]
@@ -226,8 +254,12 @@ def test_gpu_stage_form_equals_cpu_stage_form_on_pipeline_batches(syn_train):
     labels = [t["cat_ids"].numpy().astype(np.int32) for t in targets]
     ch = draw_choices(np.random.default_rng(5), [len(x) for x in labels], CFG)
     a = copy_paste_packed(imgs, masks, boxes, labels, ch, CFG)
-    b = CopyPasteStage.dense(imgs, masks, boxes, labels, ch, CFG, np)
+    b = copy_paste_packed_batched(imgs, masks, boxes, labels, ch, CFG, np)
+    xp = StandIn()
+    c = copy_paste_packed_batched(*[[xp.asarray(x) for x in xs] for xs in (imgs, masks, boxes, labels)], ch, CFG, xp)
     assert sum(len(x) for x in a[3]) > sum(len(x) for x in labels) // 2
-    for x, y in zip(a, b):
-        for u, v in zip(x, y):
+    assert sum(int(x.sum()) for x in a[4]) > 0  # something was pasted
+    for x, y, z in zip(a, b, c):
+        for u, v, w in zip(x, y, z):
             np.testing.assert_array_equal(u, v)
+            np.testing.assert_array_equal(u, w.get())

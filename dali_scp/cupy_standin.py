@@ -1,0 +1,351 @@
+"""A NumPy-backed stand-in for CuPy that counts what the GPU would pay: kernels, host syncs, device bytes.
+
+Why: the GPU is rarely available, but the cost of a GPU stage is mostly decided by its *shape* - how many
+array operations it launches per batch, how often it waits for the device to hand a value back to the
+host, and how much memory it holds at once. Those three numbers depend only on the code path, so the
+very code the GPU runs (written against ``xp``) can run here on NumPy and CI can hold them to a budget.
+
+What counts (CuPy's behaviour, read from its sources):
+- ``kernels``: every array operation that produces or writes device data (ufuncs, reductions, scans,
+  sorts, gathers/scatters, copies, fills, concatenation of any number of arrays), one per call. Pure
+  views (basic slicing, reshape of contiguous data, ``broadcast_to``, ``view``) and ``empty`` cost none.
+  A fused kernel (``fused``: a ReductionKernel/ElementwiseKernel with a NumPy reference) counts one.
+- ``host_syncs``: every blocking device->host transfer: ``int()/float()/bool()`` of a device array,
+  ``.item()``, ``.tolist()``, ``.get()``, ``asnumpy``, and operations whose output size depends on the
+  data (``nonzero``, ``flatnonzero``, ``argwhere``, ``unique``, boolean-mask indexing).
+- ``h2d``: host->device uploads (``asarray`` of host data); not blocking for the host, reported apart.
+- ``peak_bytes``: the peak of live device bytes allocated since ``reset`` (inputs created before the
+  reset are excluded, outputs still alive at the end are included). Temporaries *inside* a fused kernel
+  do not exist on the GPU and are not counted.
+
+It also refuses what CuPy refuses, so CI catches it: implicit conversion to NumPy (``np.asarray(d)``),
+host arrays mixed into device operations, ``cupyx.scatter_min/max`` on 64-bit integers (CuPy < 14.1).
+"""
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+
+import numpy as np
+
+# np functions that return views (no kernel) when the result shares memory with an input
+_VIEW_FUNCS = {"reshape", "broadcast_to", "expand_dims", "squeeze", "moveaxis", "transpose", "swapaxes",
+               "ascontiguousarray", "atleast_1d", "atleast_2d", "ravel", "asarray"}
+# data-dependent output size: the host must wait for the device to learn it
+_SYNC_FUNCS = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract", "asnumpy"}
+# kernels CuPy launches per call where it is more than one (its sources: scan = astype copy + scan kernel,
+# plus a block-sum pass over 512 elements; searchsorted = zero fill + search; sort = copy + CUB sort)
+_COST = {"cumsum": 2, "searchsorted": 2, "sort": 2, "argsort": 2}
+_SCATTER_DTYPES = {"add": {np.int32, np.uint32, np.uint64, np.float16, np.float32, np.float64},
+                   "min": {np.int32, np.uint32, np.float32, np.float64},  # CuPy < 14.1: no 64-bit ints
+                   "max": {np.int32, np.uint32, np.float32, np.float64}}
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+class Meter:
+    """The counters; ``reset`` starts a measurement (live bytes at that moment become the baseline)."""
+
+    def __init__(self):
+        self.live = 0
+        self._known: dict[int, int] = {}
+        self.reset()
+
+    def reset(self):
+        self.kernels = self.host_syncs = self.h2d = 0
+        self.ops: Counter = Counter()
+        self.baseline = self.peak = self.live
+
+    def kernel(self, name: str, n: int = 1):
+        self.kernels += n
+        self.ops[name] += n
+
+    def sync(self, name: str):
+        self.host_syncs += 1
+        self.ops["sync:" + name] += 1
+
+    def track(self, a: np.ndarray):
+        r = _root(a)
+        key = id(r)
+        if key in self._known:
+            return
+        self._known[key] = r.nbytes
+        self.live += r.nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(r, self._free, key)
+
+    def _free(self, key):
+        self.live -= self._known.pop(key, 0)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak - self.baseline
+
+    def summary(self) -> dict:
+        return {"host_syncs": self.host_syncs, "kernels": self.kernels, "h2d": self.h2d,
+                "peak_bytes": self.peak_bytes}
+
+
+def _unwrap(x, name="op"):
+    if isinstance(x, DeviceArray):
+        return x._a
+    if isinstance(x, np.ndarray) and x.ndim > 0:
+        raise TypeError(f"{name}: a host (NumPy) array was passed to a device operation; CuPy refuses this")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v, name) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v, name) for k, v in x.items()}
+    return x
+
+
+class DeviceArray:
+    """A device array: the NumPy array inside stands for GPU memory and is only reachable through a sync."""
+    __slots__ = ("_a", "_xp", "__weakref__")
+
+    def __init__(self, a: np.ndarray, xp: "StandIn"):
+        self._a, self._xp = a, xp
+
+    # host-side metadata: free, as in CuPy
+    shape = property(lambda s: s._a.shape)
+    dtype = property(lambda s: s._a.dtype)
+    ndim = property(lambda s: s._a.ndim)
+    size = property(lambda s: s._a.size)
+    nbytes = property(lambda s: s._a.nbytes)
+    strides = property(lambda s: s._a.strides)
+    flags = property(lambda s: s._a.flags)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __repr__(self):
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype})"
+
+    # the ways data comes back to the host
+    def get(self):
+        self._xp.meter.sync("get")
+        return self._a.copy()
+
+    def item(self):
+        self._xp.meter.sync("item")
+        return self._a.item()
+
+    def tolist(self):
+        self._xp.meter.sync("tolist")
+        return self._a.tolist()
+
+    def __int__(self):
+        self._xp.meter.sync("int")
+        return int(self._a)
+
+    def __index__(self):
+        self._xp.meter.sync("index")
+        return int(self._a)
+
+    def __float__(self):
+        self._xp.meter.sync("float")
+        return float(self._a)
+
+    def __bool__(self):
+        self._xp.meter.sync("bool")
+        return bool(self._a)
+
+    def __array__(self, *a, **k):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed (CuPy): use .get() or xp.asnumpy")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kw):
+        return self._xp._call(f"{ufunc.__name__}.{method}" if method != "__call__" else ufunc.__name__,
+                              getattr(ufunc, method), inputs, kw)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return getattr(self._xp, func.__name__)(*args, **kwargs)
+
+    # views
+    @property
+    def T(self):
+        return self._xp._wrap(self._a.T)
+
+    def view(self, dtype):
+        return self._xp._wrap(self._a.view(dtype))
+
+    def reshape(self, *shape):
+        return self._xp.reshape(self, shape[0] if len(shape) == 1 else shape)
+
+    def ravel(self):
+        return self._xp.ravel(self)
+
+    def __getitem__(self, key):
+        k = _unwrap(key if isinstance(key, tuple) else (key,), "getitem")
+        adv = [v for v in k if isinstance(v, (np.ndarray, list))]
+        if not adv:
+            return self._xp._wrap(self._a[key if not isinstance(key, DeviceArray) else key._a])
+        if any(np.asarray(v).dtype == bool for v in adv):
+            self._xp.meter.sync("boolean-index")
+        self._xp.meter.kernel("gather")
+        return self._xp._wrap(self._a[k if isinstance(key, tuple) else k[0]])
+
+    def __setitem__(self, key, value):
+        k = _unwrap(key if isinstance(key, tuple) else (key,), "setitem")
+        if any(isinstance(v, np.ndarray) and v.dtype == bool for v in k):
+            self._xp.meter.sync("boolean-setitem")
+        self._xp.meter.kernel("scatter" if any(isinstance(v, np.ndarray) for v in k) else "copy")
+        self._a[k if isinstance(key, tuple) else k[0]] = _unwrap(value, "setitem")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    # copies and reductions: one kernel each
+    def astype(self, dtype, copy=True):
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        return self._xp._call("astype", lambda a: a.astype(dtype), (self,), {})
+
+    def copy(self):
+        return self._xp._call("copy", np.copy, (self,), {})
+
+
+def _method(name):
+    def m(self, *args, **kw):
+        return self._xp._call(name, getattr(np.ndarray, name), (self,) + args, kw)
+    m.__name__ = name
+    return m
+
+
+for _name in ("sum", "any", "all", "max", "min", "argmax", "argmin", "mean", "cumsum", "prod", "nonzero"):
+    setattr(DeviceArray, _name, _method(_name) if _name != "nonzero" else (lambda s: s._xp.nonzero(s)))
+
+_BINARY = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "truediv": np.true_divide,
+           "floordiv": np.floor_divide, "mod": np.remainder, "and": np.bitwise_and, "or": np.bitwise_or,
+           "xor": np.bitwise_xor, "lshift": np.left_shift, "rshift": np.right_shift, "pow": np.power}
+for _n, _u in _BINARY.items():
+    setattr(DeviceArray, f"__{_n}__", (lambda u: lambda s, o: s._xp._call(u.__name__, u, (s, o), {}))(_u))
+    setattr(DeviceArray, f"__r{_n}__", (lambda u: lambda s, o: s._xp._call(u.__name__, u, (o, s), {}))(_u))
+    setattr(DeviceArray, f"__i{_n}__",
+            (lambda u: lambda s, o: s._xp._call(u.__name__, u, (s, o), {"out": s}))(_u))
+for _n, _u in {"lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+               "eq": np.equal, "ne": np.not_equal}.items():
+    setattr(DeviceArray, f"__{_n}__", (lambda u: lambda s, o: s._xp._call(u.__name__, u, (s, o), {}))(_u))
+for _n, _u in {"invert": np.invert, "neg": np.negative, "abs": np.absolute}.items():
+    setattr(DeviceArray, f"__{_n}__", (lambda u: lambda s: s._xp._call(u.__name__, u, (s,), {}))(_u))
+
+
+class StandIn:
+    """The module object: ``xp.zeros(...)``, ``xp.cumsum(...)``... as NumPy, with a meter."""
+    ndarray = DeviceArray
+
+    def __init__(self):
+        self.meter = Meter()
+        self.__name__ = "dali_scp.cupy_standin"
+
+    def _wrap(self, r):
+        if isinstance(r, np.ndarray):
+            self.meter.track(r)
+            return DeviceArray(r, self)
+        if isinstance(r, np.generic):  # CuPy reductions return 0-d device arrays, not host scalars
+            return self._wrap(np.asarray(r))
+        if isinstance(r, tuple):
+            return tuple(self._wrap(v) for v in r)
+        if isinstance(r, list):
+            return [self._wrap(v) for v in r]
+        return r
+
+    def _call(self, name, fn, args, kw):
+        a, k = _unwrap(args, name), _unwrap(kw, name)
+        if "out" in kw:  # a tuple with one output, as NumPy's ufunc machinery passes it
+            out = kw["out"]
+            out = out[0] if isinstance(out, tuple) else out
+            k["out"] = out._a
+            self.meter.kernel(name)
+            fn(*a, **k)
+            return out
+        r = fn(*a, **k)
+        base = name.split(".")[0]
+        if base in _SYNC_FUNCS or (base == "where" and len(a) == 1):
+            self.meter.sync(base)
+        ins = [x for x in _flat(a) if isinstance(x, np.ndarray)]
+        if base in ("concatenate", "stack"):
+            self._concatenate_cost(base, a[0] if a else k.get("arrays"))
+            return self._wrap(r)
+        if base == "cumsum":
+            axis = k.get("axis", a[1] if len(a) > 1 else None)
+            length = a[0].size if axis is None else a[0].shape[axis]
+            if length > 512:
+                self.meter.kernel("cumsum", 2)
+        if not (base in _VIEW_FUNCS and isinstance(r, np.ndarray) and any(np.may_share_memory(r, x) for x in ins)):
+            self.meter.kernel(base, _COST.get(base, 1))
+        return self._wrap(r)
+
+    def _concatenate_cost(self, name, arrays):
+        """CuPy: one kernel (after uploading a pointer table) for more than 8 arrays of one dtype that
+        are small on average (< 2 MiB each); otherwise one copy kernel per array."""
+        arrays = list(arrays)
+        n = len(arrays)
+        small = sum(x.nbytes for x in arrays) < (2 << 20) * n
+        if n > 8 and len({x.dtype for x in arrays}) == 1 and small:
+            self.meter.kernel(name)
+            self.h2d_upload(name + " pointer table")
+        else:
+            self.meter.kernel(name, n)
+
+    # creation
+    def empty(self, shape, dtype=float):
+        return self._wrap(np.empty(shape, dtype))
+
+    def empty_like(self, a, dtype=None):
+        return self._wrap(np.empty(a.shape, dtype or a.dtype))
+
+    def asarray(self, x, dtype=None):
+        if isinstance(x, DeviceArray):
+            return x if dtype is None or np.dtype(dtype) == x.dtype else x.astype(dtype)
+        self.h2d_upload("asarray")
+        return self._wrap(np.array(x, dtype=dtype))
+
+    array = asarray
+
+    def h2d_upload(self, name):
+        self.meter.h2d += 1
+        self.meter.ops["h2d:" + name] += 1
+
+    def asnumpy(self, x):
+        if isinstance(x, DeviceArray):
+            return x.get()
+        return np.asarray(x)
+
+    # cupyx.scatter_* (unbuffered, in place), with CuPy 13's dtype limits
+    def scatter(self, kind: str, out: DeviceArray, idx, vals):
+        if out.dtype.type not in _SCATTER_DTYPES[kind]:
+            raise TypeError(f"cupyx.scatter_{kind} does not support {out.dtype} (CuPy 13)")
+        self.meter.kernel("scatter_" + kind)
+        getattr({"add": np.add, "min": np.minimum, "max": np.maximum}[kind], "at")(
+            out._a, _unwrap(idx, "scatter"), _unwrap(vals, "scatter"))
+
+    def fused(self, name: str, reference, *args):
+        """A custom CuPy kernel, run here as its NumPy reference: one kernel, no temporaries."""
+        self.meter.kernel("fused:" + name)
+        return self._wrap(reference(*_unwrap(args, name)))
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if isinstance(attr, type) or isinstance(attr, np.dtype) or not callable(attr):
+            return attr  # dtypes, constants
+        f = (lambda *a, **k: self._call(name, attr, a, k))
+        f.__name__ = name
+        return f
+
+
+def _flat(x):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _flat(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _flat(v)
+    else:
+        yield x
+
+
+def is_standin(xp) -> bool:
+    return isinstance(xp, StandIn)

@@ -1,0 +1,151 @@
+"""What the GPU stages cost per batch - kernels launched, blocking host syncs, device memory - measured
+without a GPU through the CuPy stand-in (``dali_scp.cupy_standin``), or on a GPU with ``--device gpu``.
+
+Why: the GPU stages run inside DALI's ``python_function``, holding the GIL in the training process;
+every host sync stalls that thread and every extra kernel or byte competes with the model. These counts
+follow from the code path alone, so CI holds them to a budget (``tests/test_gpu_budget.py``).
+
+    python -m pipelines.gpu_budget --batch-size 8 --instances 30 [--size 1024] [--json FILE] [--device gpu]
+
+The batch is COCO-like: up to N instances per image (one image has exactly N), object areas from tiny
+to large, 10-60-vertex polygons, a fifth of the objects in 2-3 parts, some cut by the canvas edge.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dali_scp.cupy_standin import StandIn
+from dali_scp.presets import CopyPaste
+from dali_scp.synthetic import star_polygon
+from pipelines.stages import CopyPasteStage, RasterizeStage
+
+STAGES = ("masks", "copy_paste")
+
+
+@dataclass
+class HostBatch:
+    """One batch as DALI hands it to the mask stage, on the host."""
+    polygons: list  # [P_i, 3] int32: instance, first vertex, end vertex
+    vertices: list  # [V_i, 2] float32, output pixels
+    labels: list    # [n_i] int32 category ids
+    images: list    # [S, S, 3] uint8
+
+
+def coco_like_batch(batch_size: int, instances: int, size: int = 1024, seed: int = 0) -> HostBatch:
+    rng = np.random.default_rng(seed)
+    polys, verts, labels, images = [], [], [], []
+    for b in range(batch_size):
+        n = instances if b == 0 else int(rng.integers((instances + 1) // 2, instances + 1))
+        p, v, off = [], [], 0
+        for i in range(n):
+            r = float(np.exp(rng.uniform(np.log(3), np.log(size * 0.3))))
+            cx, cy = rng.uniform(-0.05, 1.05, 2) * size
+            for _ in range(int(rng.choice([1, 2, 3], p=[0.8, 0.15, 0.05]))):
+                q = star_polygon(rng, cx + rng.uniform(-r, r), cy + rng.uniform(-r, r), r, int(rng.integers(10, 61)))
+                p.append([i, off, off + len(q)])
+                v.append(q)
+                off += len(q)
+        polys.append(np.array(p, np.int32).reshape(-1, 3))
+        verts.append(np.concatenate(v).astype(np.float32) if v else np.zeros((0, 2), np.float32))
+        labels.append(rng.integers(1, 91, n).astype(np.int32))
+        images.append(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return HostBatch(polys, verts, labels, images)
+
+
+def _device(batch: HostBatch, xp):
+    up = lambda xs: [xp.asarray(x) for x in xs]  # noqa: E731
+    return up(batch.polygons), up(batch.vertices), up(batch.labels), up(batch.images)
+
+
+def measure_standin(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, seed: int = 0) -> dict:
+    """Run both GPU stages through the stand-in; counts per stage, inputs from 'DALI' excluded."""
+    xp = StandIn()
+    polygons, vertices, labels, images = _device(batch, xp)
+    out = {}
+    xp.meter.reset()
+    masks, boxes, cat_ids = RasterizeStage(size, size)(polygons, vertices, labels)
+    out["masks"] = xp.meter.summary()
+    xp.meter.reset()  # the mask stage's outputs are the next stage's inputs (DALI's buffers)
+    result = CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)(images, masks, boxes, cat_ids)
+    out["copy_paste"] = xp.meter.summary()
+    del result
+    return out
+
+
+def measure_gpu(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, seed: int = 0, repeats: int = 10) -> dict:
+    """The same on CuPy: the memory pool's peak (pool emptied first) and milliseconds per stage."""
+    import cupy as cp
+    pool = cp.get_default_memory_pool()
+    polygons, vertices, labels, images = _device(batch, cp)
+    ras, cps = RasterizeStage(size, size), CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)
+    res = {}
+
+    def timed(fn):
+        fn()  # warm-up: kernel compilation, pool growth
+        cp.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        base = pool.used_bytes()
+        r = fn()
+        cp.cuda.Device().synchronize()
+        peak = pool.total_bytes() - base
+        t = time.perf_counter()
+        for _ in range(repeats):
+            r = fn()
+        cp.cuda.Device().synchronize()
+        return r, {"pool_peak_bytes": int(peak), "ms": (time.perf_counter() - t) / repeats * 1e3}
+
+    (masks, boxes, cat_ids), res["masks"] = timed(lambda: ras(polygons, vertices, labels))
+    _, res["copy_paste"] = timed(lambda: cps(images, masks, boxes, cat_ids))
+    return res
+
+
+def _mib(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--instances", type=int, default=30, help="up to N instances per image (one image has N)")
+    ap.add_argument("--size", type=int, default=1024, help="canvas side (multiple of 8)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("standin", "gpu"), default="standin",
+                    help="standin: count through the NumPy-backed CuPy stand-in (no GPU needed); "
+                         "gpu: the same and then the real thing on CuPy (pool peak, ms)")
+    ap.add_argument("--json", help="write {'stages': {'masks': {...}, 'copy_paste': {...}}} here")
+    a = ap.parse_args(argv)
+    if a.size % 8 or a.size <= 0 or a.batch_size < 1 or a.instances < 0:
+        ap.error("--size must be a positive multiple of 8, --batch-size >= 1, --instances >= 0")
+    batch = coco_like_batch(a.batch_size, a.instances, a.size, a.seed)
+    stages = measure_standin(batch, a.size)
+    if a.device == "gpu":
+        from dali_scp.deps import gpu_available
+        if not gpu_available():
+            print("error: --device gpu needs CuPy and a CUDA device; none is usable here", file=sys.stderr)
+            return 2
+        for k, v in measure_gpu(batch, a.size).items():
+            stages[k].update(v)
+    print(f"batch {a.batch_size} x up to {a.instances} instances, {a.size}^2 canvas ({a.device})")
+    print(f"{'stage':<12}{'host_syncs':>11}{'kernels':>9}{'h2d':>5}{'peak':>13}"
+          + (f"{'pool peak':>13}{'ms':>8}" if a.device == "gpu" else ""))
+    for name in STAGES:
+        s = stages[name]
+        line = f"{name:<12}{s['host_syncs']:>11}{s['kernels']:>9}{s['h2d']:>5}{_mib(s['peak_bytes']):>13}"
+        if a.device == "gpu":
+            line += f"{_mib(s['pool_peak_bytes']):>13}{s['ms']:>8.2f}"
+        print(line)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"batch_size": a.batch_size, "instances": a.instances, "size": a.size, "device": a.device,
+                       "stages": stages}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
