@@ -141,8 +141,15 @@ def choices_to_selection(choices: Choices, n: int) -> np.ndarray:
 def copy_paste(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, xp=None):
     """The pure function, per-sample lists in and out: images [H, W, 3] uint8 (one canvas size),
     masks [n, H, W] uint8, boxes [n, 4] float32 xyxy (tight around the masks), labels [n]. Returns the
-    same four lists and a fifth, ``pasted`` [n] uint8 (1 for objects that came from the source)."""
+    same four lists and a fifth, ``pasted`` [n] uint8 (1 for objects that came from the source).
+
+    NumPy arrays run the dense reference below; CuPy arrays run the packed GPU form (same result)."""
     xp = xp or xpm.get_xp(*images)
+    if xp is not np:
+        w = int(images[0].shape[1])
+        out = copy_paste_packed_batched(images, [xpm.packbits(xp, m) for m in masks], boxes, labels, choices, cfg, xp)
+        rows = [xpm.unpackbits(xp, m[: lab.shape[0]])[..., :w] for m, lab in zip(out[1], out[3])]
+        return out[0], rows, out[2], out[3], out[4]
     counts = [int(lab.shape[0]) for lab in labels]
     m = stack_padded(masks, xp)
     sel = xp.asarray(choices_to_selection(choices, m.shape[1]))

@@ -75,6 +75,9 @@ def packbits(xp, masks):
     """[..., W] 0/1 uint8 -> [..., W/8] bytes, first pixel in the high bit (NumPy's default order)."""
     if xp is np:
         return np.packbits(masks, axis=-1)
+    if masks.shape[-1] % 8:  # pad the row to whole bytes with zero pixels, as np.packbits does
+        pad = xp.zeros(masks.shape[:-1] + (8 - masks.shape[-1] % 8,), masks.dtype)
+        masks = xp.concatenate([masks, pad], axis=-1)
     shifts = xp.arange(7, -1, -1, dtype=xp.uint8)
     m = masks.reshape(masks.shape[:-1] + (masks.shape[-1] // 8, 8))
     return (m << shifts).sum(axis=-1, dtype=xp.uint8)
