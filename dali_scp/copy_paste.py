@@ -367,9 +367,12 @@ def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cf
     y1 = H - xp.argmax(row_any[..., ::-1], axis=-1)
     j0 = xp.argmax(col_any, axis=-1)
     j1 = Wb - 1 - xp.argmax(col_any[..., ::-1], axis=-1)
-    ib, jn = xp.arange(B)[:, None], xp.arange(N)[None, :]
-    x0 = 8 * j0 + lut[0][m[ib, jn, :, j0]].min(axis=-1)
-    x1 = 8 * j1 + 8 - lut[1][m[ib, jn, :, j1]].min(axis=-1)
+    ib = xp.arange(B)[:, None]
+    col = (xp.arange(B * N).reshape(B, N, 1) * H + xp.arange(H)) * Wb  # flat index of (b, n, row, byte 0)
+    flat = m.reshape(-1)
+    x0 = 8 * j0 + lut[0][flat[col + j0[..., None]]].min(axis=-1)      # first set bit of the first byte column
+    x1 = 8 * j1 + 8 - lut[1][flat[col + j1[..., None]]].min(axis=-1)  # last set bit of the last one
+    del col
     dst_boxes = xp.stack([x0, y0, x1, y1], axis=-1).astype(xp.float32) * nonempty[..., None]
     pop = xp.bitwise_count(m) if hasattr(xp, "bitwise_count") else lut[2][m]
     area = pop.sum(axis=(2, 3), dtype=xp.int32)
