@@ -263,3 +263,24 @@ def test_gpu_stage_form_equals_cpu_stage_form_on_pipeline_batches(syn_train):
         for u, v, w in zip(x, y, z):
             np.testing.assert_array_equal(u, v)
             np.testing.assert_array_equal(u, w.get())
+
+
+def test_stages_take_the_same_decisions_on_the_gpu_branch():
+    """The two DALI stages, called as DALI calls them, with device arrays (the CuPy stand-in) and with
+    NumPy: same masks, boxes, ids, pasted flags and images for the same seed and batch counter."""
+    from pipelines.gpu_budget import coco_like_batch
+    from pipelines.stages import CopyPasteStage, RasterizeStage
+    b = coco_like_batch(4, 10, 128, seed=1)
+    xp = StandIn()
+    dev = lambda xs: [xp.asarray(x) for x in xs]  # noqa: E731
+    cpu_m = RasterizeStage(128, 128)(b.polygons, b.vertices, b.labels)
+    gpu_m = RasterizeStage(128, 128)(dev(b.polygons), dev(b.vertices), dev(b.labels))
+    for x, y in zip(cpu_m, gpu_m):
+        for u, v in zip(x, y):
+            np.testing.assert_array_equal(u, v.get())
+    cpu = CopyPasteStage(CFG, seed=3, start_batch=5)(b.images, *cpu_m)
+    gpu = CopyPasteStage(CFG, seed=3, start_batch=5)(dev(b.images), *gpu_m)
+    assert sum(int(p.sum()) for p in cpu[4]) > 0
+    for x, y in zip(cpu, gpu):
+        for u, v in zip(x, y):
+            np.testing.assert_array_equal(u, v.get())
