@@ -47,13 +47,15 @@ def spans(poly_start, poly_end, verts, height: int, width: int, xp=np) -> Spans:
     if n_poly == 0 or n_vert == 0:
         z = xp.zeros(0, dtype=i64)
         return Spans(z, z, z, z)
-    order = xp.argsort(poly_start)
-    start_sorted = xp.asarray(poly_start, dtype=i64)[order]
+    poly_start, poly_end = xp.asarray(poly_start, dtype=i64), xp.asarray(poly_end, dtype=i64)
+    # polygons without vertices first among equal starts, so a vertex's owner is the real polygon
+    order = xp.argsort(poly_start * 2 + (poly_end > poly_start))
+    start_sorted = poly_start[order]
     vid = xp.arange(n_vert, dtype=i64)
     owner_s = xp.clip(xp.searchsorted(start_sorted, vid, side="right") - 1, 0, n_poly - 1)
     owner = order[owner_s]
     start = start_sorted[owner_s]
-    end = xp.asarray(poly_end, dtype=i64)[owner]
+    end = poly_end[owner]
     valid = (vid >= start) & (vid < end) & (end - start >= 3)
     nxt = xp.where(vid + 1 < end, vid + 1, start)
     verts = xp.asarray(verts, dtype=xp.float64)
@@ -222,11 +224,11 @@ def rasterize_packed(poly_inst, poly_start, poly_end, verts, inst_sample, inst_o
     before = (run_count - delta)[xp.searchsorted(at, at, side="left")]  # count before this position's events
     last = xp.concatenate([at[1:] != at[:-1], xp.ones(1 if ev.shape[0] else 0, dtype=bool)])
     col = at % (W + 1)
-    toggle = last & ((run_count != 0) != (before != 0)) & (col < W)
+    toggle = last & ((run_count != 0) != (before != 0)) & (col < 8 * Wb)  # a span ending at the row's end needs none
     # toggle bits into the packed rows, addressed as little-endian 32-bit words
     n_bytes = (B * kmax + 1) * H * Wb
     buf = xp.zeros((n_bytes + 3) // 4, dtype=xp.uint32)
-    col = xp.minimum(col, W - 1)  # a toggle at col == W is dropped; keep its (zero) add in bounds
+    col = xp.minimum(col, 8 * Wb - 1)  # keep the (zero) add of a dropped toggle in bounds
     byte = (at // (W + 1)) * Wb + col // 8
     bit = (byte % 4) * 8 + 7 - col % 8
     xpm.scatter_add(xp, buf, byte // 4, toggle.astype(xp.uint32) << bit.astype(xp.uint32))
@@ -254,8 +256,10 @@ def prefix_xor_rows(packed, xp=np):
     of the bytes before (a running sum mod 2)."""
     for s in (1, 2, 4):
         packed ^= packed >> s
-    par = xp.cumsum(packed & 1, axis=-1, dtype=xp.uint8)  # inclusive count of odd bytes, mod 256
-    par -= packed & 1                                       # exclusive
+    odd = packed & 1
+    par = xp.cumsum(odd, axis=-1, dtype=xp.uint8)  # inclusive count of odd bytes, mod 256
+    par -= odd                                     # exclusive
+    del odd
     par &= 1
     par *= 255
     packed ^= par

@@ -33,13 +33,10 @@ def to_numpy(a):
 
 
 def _scatter(kind, xp, out, idx, vals):
-    if xp is np:
-        getattr({"add": np.add, "min": np.minimum, "max": np.maximum}[kind], "at")(out, idx, vals)
-    elif is_standin(xp):
+    if is_standin(xp):
         xp.scatter(kind, out, idx, vals)
-    else:
-        import cupyx
-        getattr(cupyx, "scatter_" + kind)(out, idx, vals)
+    else:  # ufunc.at: NumPy, and CuPy >= 14.1 (cupyx.scatter_* are deprecated there)
+        getattr({"add": xp.add, "min": xp.minimum, "max": xp.maximum}[kind], "at")(out, idx, vals)
 
 
 def scatter_add(xp, out, idx, vals):
@@ -78,6 +75,7 @@ def packbits(xp, masks):
     if masks.shape[-1] % 8:  # pad the row to whole bytes with zero pixels, as np.packbits does
         pad = xp.zeros(masks.shape[:-1] + (8 - masks.shape[-1] % 8,), masks.dtype)
         masks = xp.concatenate([masks, pad], axis=-1)
+    masks = (masks != 0).astype(xp.uint8)  # any nonzero pixel is set, as np.packbits reads it
     shifts = xp.arange(7, -1, -1, dtype=xp.uint8)
     m = masks.reshape(masks.shape[:-1] + (masks.shape[-1] // 8, 8))
     return (m << shifts).sum(axis=-1, dtype=xp.uint8)
@@ -140,9 +138,9 @@ def gather_samples(xp, arrays, shape_tail=None):
     if out.size == 0:
         return out
     row_bytes = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
-    for a in arrays:
-        if not a.flags.c_contiguous:
-            raise ValueError("gather_samples needs C-contiguous samples (DALI's are)")
+    # DALI's samples are dense and uniform; anything else (the list API) is made so first
+    arrays = [a if a.dtype == dtype and a.flags.c_contiguous and a.shape[1:] == tail
+              else cp.ascontiguousarray(a.reshape((r,) + tail), dtype=dtype) for a, r in zip(arrays, rows)]
     nbytes = np.array(rows, np.int64) * row_bytes
     table = np.stack([np.array([a.data.ptr for a in arrays], np.uint64).view(np.int64),
                       np.concatenate([[0], np.cumsum(nbytes)[:-1]]), nbytes])

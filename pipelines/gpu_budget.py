@@ -90,7 +90,7 @@ def measure_gpu(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, se
         fn()  # warm-up: kernel compilation, pool growth
         cp.cuda.Device().synchronize()
         pool.free_all_blocks()
-        base = pool.used_bytes()
+        base = pool.total_bytes()
         r = fn()
         cp.cuda.Device().synchronize()
         peak = pool.total_bytes() - base

@@ -22,7 +22,7 @@ failed=()
 step() {  # step NAME TIMEOUT_S COMMAND...: log it, time-box it, remember a failure and go on
   local name=$1 limit=$2; shift 2
   echo; echo "=== $name ($(date +%T))" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee -a "$LOG"
+  timeout -k 30 "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then echo "!!! FAILED ($rc): $name" | tee -a "$LOG"; failed+=("$name"); fi
 }

@@ -123,7 +123,7 @@ def _random_batch(rng, b, h, w):
     return polys, verts, labels
 
 
-@pytest.mark.parametrize("w", [40, 64, 96])  # 5, 8 and 12 bytes a packed row: word addressing across rows
+@pytest.mark.parametrize("w", [40, 44, 64, 96])  # 5, 6, 8, 12 bytes a row: words across rows, padding bits
 @pytest.mark.parametrize("seed", range(3))
 def test_packed_gpu_writer_equals_dense_writer_bit_for_bit(seed, w):
     """The GPU writer (toggles + prefix XOR on packed bits), run on NumPy and through the CuPy stand-in,
@@ -140,10 +140,22 @@ def test_packed_gpu_writer_equals_dense_writer_bit_for_bit(seed, w):
                 rasterize_packed_batch(dev(polys), dev(verts), dev(labels), h, w, xp)):
         gm, gb, gl = [[x.get() if hasattr(x, "get") else x for x in o] for o in got]
         for i in range(len(polys)):
-            assert gm[i].shape == (cm[i].shape[0], h, w // 8)
-            np.testing.assert_array_equal(np.unpackbits(gm[i], axis=-1), cm[i])
+            np.testing.assert_array_equal(gm[i], np.packbits(cm[i], axis=-1))  # padding bits zero too
             np.testing.assert_array_equal(gb[i], cb[i])
             np.testing.assert_array_equal(gl[i], labels[i][ck[i]])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_empty_polygon_sharing_a_start_does_not_hide_the_real_one(packed):
+    from dali_scp.raster import rasterize_packed_batch
+    sq = np.array([[2, 2], [12, 2], [12, 12], [2, 12]], np.float32)
+    for polys in (np.array([[0, 0, 0], [0, 0, 4]], np.int32), np.array([[0, 0, 4], [0, 0, 0]], np.int32)):
+        if packed:
+            m, _, _ = rasterize_packed_batch([polys], [sq], [np.array([1], np.int32)], 16, 16, np)
+            m = np.unpackbits(m[0], axis=-1)
+        else:
+            m = rasterize_batch([polys], [sq], [1], 16, 16)[0][0]
+        assert m.shape[0] == 1 and m[0].sum() == 100
 
 
 def test_packed_writer_takes_the_union_of_overlapping_parts():
