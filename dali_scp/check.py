@@ -383,6 +383,8 @@ def _main(argv=None) -> int:
     print(rep.summary())
     if a.json:
         atomic_write(Path(a.json), json.dumps(asdict(rep), indent=1))
+    if filtered is None:
+        print(f"error: {rep.defects[0].file}: {rep.defects[0].message}", file=sys.stderr)
     return 1 if (a.strict and rep.defects) or filtered is None else 0
 
 

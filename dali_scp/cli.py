@@ -31,7 +31,12 @@ def _dali_summary(msg: str) -> str | None:
         return None
     op = re.search(r"operator `([^`]+)`", msg)
     what = msg.split("encountered:", 1)[1].split("C++ context:", 1)[0]
-    return f"DALI {op.group(1) if op else 'pipeline'}: {' '.join(what.split())}"
+    what = " ".join(what.replace("Current pipeline object is no longer valid.", "").split())
+    out = f"DALI {op.group(1) if op else 'pipeline'}: {what}"
+    if op and "decoders" in op.group(1):  # DALI's decoder does not name the file; the check does
+        out += ("; an image that passed the dataset check no longer decodes (changed since?): "
+                "`python -m dali_scp.check --coco-root DIR` names it")
+    return out
 
 
 def describe(e: BaseException) -> str:
