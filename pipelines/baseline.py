@@ -139,6 +139,7 @@ def baseline_loader(ann_file, images_dir, preset: PipelinePreset, batch_size: in
     g = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(ds, num_samples=1 << 40, generator=g)
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=CopyPasteCollate(preset.copy_paste, seed),
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=CopyPasteCollate(preset.copy_paste, seed),
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
         drop_last=True)

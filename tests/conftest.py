@@ -44,3 +44,17 @@ def syn_ann(syn_train):
     for a in doc["annotations"]:
         by_img.setdefault(a["image_id"], []).append(a)
     return {im["id"]: (im, by_img.get(im["id"], [])) for im in doc["images"]}
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """Synthetic datasets of n training (and validation) images, smaller than a batch or with partial
+    batches; made once per size."""
+    from dali_scp.synthetic import generate
+    made = {}
+
+    def make(n: int):
+        if n not in made:
+            made[n] = generate(tmp_path_factory.mktemp(f"small{n}"), train=n, val=n, seed=10 + n)
+        return made[n]
+    return make
