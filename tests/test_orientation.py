@@ -68,7 +68,8 @@ def test_masks_cover_their_objects_for_every_tag_and_convention(name, exif_root)
                 found.add(a["id"])
             for a in anns:
                 if a["id"] not in found:
-                    assert visible_core(img, a["colour"]).sum() < 20, f"image {t['image_id']}: object {a['id']} has no mask"
+                    assert visible_core(img, a["colour"]).sum() < 20, \
+                        f"image {t['image_id']}: object {a['id']} has no mask"
             if checked >= 2:
                 ok.add(t["image_id"])
     cases = {(im["tag"], im["frame"]) for im in doc["images"] if im["id"] in ok}
@@ -134,7 +135,8 @@ def test_evaluation_maps_predictions_back_into_the_annotation_frame(exif_root, m
             masks = np.stack([mask_in_stored_frame(gt.annToMask(a), im["tag"], im["frame"]) for a in anns])
             assert masks.shape[1:] == (h, w)
             dets.append(dict(boxes=torch.tensor(np.stack([tight_box(m) for m in masks]), dtype=torch.float32),
-                             scores=torch.ones(len(anns)), labels=torch.as_tensor(c2l[[a["category_id"] for a in anns]]),
+                             scores=torch.ones(len(anns)),
+                             labels=torch.as_tensor(c2l[[a["category_id"] for a in anns]]),
                              masks=torch.as_tensor(masks, dtype=torch.float32)[:, None]))
         return dets
 
