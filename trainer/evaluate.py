@@ -6,8 +6,11 @@
 Images go through a DALI evaluation pipeline (decode, resize keeping aspect as the recipe says -
 mmdetection tests at 1333x800 - pad, no augmentation). Boxes are mapped back to the original image,
 masks are pasted back at the original resolution and thresholded at 0.5, RLE-encoded, labels mapped
-back to the dataset's category ids. Under torchrun every rank scores its shard of the images and rank 0
-gathers and scores; each image is scored exactly once.
+back to the dataset's category ids. An image annotated on its EXIF-oriented view (the dataset check
+marks it) gets its boxes and masks mapped from the stored pixels the model saw into that frame. Scores
+are against the original annotation file (crowd regions, RLE objects as they are); annotation ids are
+renumbered for COCOeval when one is 0 (``load_ground_truth``). Under torchrun every rank scores its
+shard of the images and rank 0 gathers and scores; each image is scored exactly once.
 """
 from __future__ import annotations
 
