@@ -177,7 +177,7 @@ def test_distributed_evaluation_scores_every_image_once(syn_root, tmp_path):
     assert sc == [1, 2, 3] and [r["image_id"] for r in res] == [1, 3]
 
 
-def test_annotation_id_zero_is_renumbered_and_ground_truth_scores_exactly_100(syn_root, tmp_path, capsys):
+def test_annotation_id_zero_is_renumbered_and_ground_truth_scores_exactly_100(syn_root, tmp_path, caplog):
     """labelme/Roboflow number annotations from 0; COCOeval reads a matched id 0 as unmatched."""
     doc = json.loads(resolve(syn_root, "val2017").annotations.read_text())
     for k, a in enumerate(doc["annotations"]):
@@ -190,8 +190,10 @@ def test_annotation_id_zero_is_renumbered_and_ground_truth_scores_exactly_100(sy
     results = gt_detections(quiet_coco(ann), split)
     plain = ev.score(quiet_coco(ann), results)
     assert plain["bbox"]["AP"] < 1.0, "pycocotools alone loses the id-0 object (else this test proves nothing)"
-    ours = ev.score(ev.load_ground_truth(ann), results)
+    with caplog.at_level("INFO", logger="evaluate"):
+        ours = ev.score(ev.load_ground_truth(ann), results)
     assert ours["bbox"]["AP"] == 1.0 and ours["segm"]["AP"] == 1.0
+    assert "an annotation id is 0; ground-truth annotation ids renumbered" in caplog.text
     f = tmp_path / "r.json"
     f.write_text(json.dumps(results))
     assert ev.main(["--results", str(f), "--coco-root", str(tmp_path), "--out", str(tmp_path / "m")]) == 0
