@@ -88,8 +88,14 @@ def write_markdown(all_runs, path: Path, budget: dict | None = None):
     path.write_text("\n".join(lines))
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     sys.path.insert(0, str(HERE.parent))
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from dali_scp import cli
     from pipelines import profile
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "gpu"])
@@ -100,8 +106,11 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", default=str(HERE), help="folder for results.json, RESULTS.md, throughput.png")
+    cli.add_debug_flag(p)
     a = p.parse_args(argv)
     out = Path(a.out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: output folder not found")
     runs = []
     for dev in a.devices:
         for bs in a.batch_sizes:
@@ -117,7 +126,8 @@ def main(argv=None):
     write_markdown(runs, out / "RESULTS.md", budget)
     plot([row for r in runs for row in r["results"]], out / "throughput.png")
     print(f"wrote {out / 'RESULTS.md'}, {out / 'results.json'}, {out / 'throughput.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,17 +211,31 @@ def default_root(train: int = 64, val: int = 16, seed: int = 0) -> Path:
     return root
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from dali_scp import cli
     p = argparse.ArgumentParser(prog="python -m dali_scp.synthetic", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO layout: train2017/, val2017/, annotations/)")
     p.add_argument("--train", type=int, default=64, help="number of training images (default 64)")
     p.add_argument("--val", type=int, default=16, help="number of validation images (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    cli.add_debug_flag(p)
     a = p.parse_args(argv)
-    root = generate(a.out, a.train, a.val, a.seed)
+    for name, n in (("--train", a.train), ("--val", a.val)):
+        if n < 1:
+            p.error(f"{name} must be at least 1, not {n}")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    root = generate(out, a.train, a.val, a.seed)
     print(f"wrote {a.train} train + {a.val} val images to {root}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,7 +39,7 @@ class JitterDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         info = self.images[i]
         rng = random.Random(self.seed * 1_000_003 + i)
-        img = Image.open(self.dir / info["file_name"]).convert("RGB")
+        img = to_rgb(Image.open(self.dir / info["file_name"]))
         w, h = img.size
         anns = self.anns.get(info["id"], [])
         S = self.cfg.out_size
@@ -67,6 +67,16 @@ class JitterDataset(torch.utils.data.Dataset):
         labels = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)[keep] if anns else \
             torch.zeros(0, dtype=torch.int64)
         return out_img, dict(boxes=_boxes(out_m), labels=labels, masks=out_m, image_id=info["id"])
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Stored pixels as RGB, as DALI's decoder gives them (EXIF orientation not applied; the checked
+    annotations are in stored pixels). 16-bit grayscale is scaled to 8 bits as DALI does (PIL's own
+    conversion clips it at 255)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def _boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -114,9 +124,22 @@ class CopyPasteCollate:
         return torch.stack(out_i), out_t
 
 
-def baseline_loader(ann_file, images_dir, preset: PipelinePreset, batch_size: int = 8, workers: int = 2, seed: int = 0):
+def baseline_loader(ann_file, images_dir, preset: PipelinePreset, batch_size: int = 8, workers: int = 2, seed: int = 0,
+                    check: bool = True):
+    """Reads the dataset check's filtered copy of ``ann_file`` (``check=False``: ``ann_file`` is that copy
+    already), so images and annotations are the ones our pipelines read, in the same frame. Batches
+    are always full: indices are drawn as an endless sequence of permutations (mmdetection's infinite
+    sampler), so a dataset smaller than a batch still yields batches."""
+    if check:
+        from dali_scp.check import checked_annotations
+        ann_file, _ = checked_annotations(ann_file, images_dir, progress=False)
     ds = JitterDataset(ann_file, images_dir, preset, seed)
+    if len(ds) == 0:
+        raise ValueError(f"{ann_file}: no images to load")
+    g = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(ds, num_samples=1 << 40, generator=g)
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=CopyPasteCollate(preset.copy_paste, seed),
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=CopyPasteCollate(preset.copy_paste, seed),
         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-        drop_last=True, generator=torch.Generator().manual_seed(seed))
+        drop_last=True)

@@ -42,8 +42,17 @@ def coco_reader(files: CocoFiles, shard_id=0, num_shards=1, shuffle=True, seed=-
 
 
 def decode(jpegs, device: str):
-    """``mixed`` = nvJPEG/nvImageCodec on the GPU; the CPU decoder where there is none."""
-    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    """``mixed`` = nvJPEG/nvImageCodec on the GPU; the CPU decoder where there is none. Stored pixels,
+    EXIF orientation not applied (DALI's default applies it): the checked annotations are in stored
+    pixels (``dali_scp.orientation``), as PIL and pycocotools read images."""
+    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                             adjust_orientation=False)
+
+
+def stored_shape(jpegs):
+    """(h, w) of the stored pixels, as ``decode`` returns them."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=False)
+    return shape[0], shape[1]
 
 
 def _fit_scale(h, w, long_side, short_side):
@@ -57,8 +66,7 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
     the pixels that survive the crop are resampled. Returns padded images (S x S), the transformed
     vertices and the per-sample geometry (resize factor, valid height/width, flip) for debugging."""
     S = float(cfg.out_size)
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
-    h, w = shape[0], shape[1]
+    h, w = stored_shape(jpegs)
     lo, hi = cfg.scale_range
     s = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
     r = _fit_scale(h, w, S * s, S * s)
@@ -89,8 +97,7 @@ def fit_resize(jpegs, images, cfg: presets.EvalResize):
     """Test-time geometry: resize keeping aspect to fit max_long x max_short, pad bottom/right to the
     batch's largest size rounded up to ``pad_divisor``. Returns images, geometry (scale, valid h,
     valid w, 0) and the original (h, w)."""
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
-    h, w = shape[0], shape[1]
+    h, w = stored_shape(jpegs)
     r = _fit_scale(h, w, float(cfg.max_long), float(cfg.max_short))
     oh = dmath.max(dmath.floor(h * r + 0.5), 1.0)
     ow = dmath.max(dmath.floor(w * r + 0.5), 1.0)

@@ -62,21 +62,24 @@ def build_eval(split: CocoSplit, resize: EvalResize, batch_size: int = 4, device
 def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
           num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True,
           out_size: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
-          annotations: str | None = None, checkpoint: str | None = None, start_batch: int = 0):
+          annotations: str | None = None, checkpoint: str | None = None, start_batch: int = 0,
+          stream_id: int | None = None):
     """Build (not yet run) a pipeline. ``seed`` fixes every random choice, so the same seed gives the
-    same batches; each shard gets its own copy-paste stream. ``annotations`` overrides the JSON the
-    reader uses (the dataset check passes its filtered copy). ``checkpoint`` (from
-    ``CocoLoader.state()``) and ``start_batch`` resume the exact data stream of an interrupted run."""
+    same batches; each stream (default: each shard; ``stream_id`` when processes share a shard) gets its
+    own random choices. ``annotations`` overrides the JSON the reader uses (the dataset check passes its
+    filtered copy). ``checkpoint`` (from ``CocoLoader.state()``) and ``start_batch`` (the number of
+    batches the pipeline has run before it) resume the exact data stream of an interrupted run."""
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
     if device == "gpu" and device_id is None:
         device_id = 0
     files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
+    stream = shard_id if stream_id is None else stream_id
     pipe = instance_segmentation_pipeline(
         files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-        cp_seed=seed * 1000 + shard_id, start_batch=start_batch, batch_size=batch_size, num_threads=num_threads,
-        device_id=device_id if device == "gpu" else None, seed=seed * 1000 + shard_id + 1,
+        cp_seed=seed * 1000 + stream, start_batch=start_batch, batch_size=batch_size, num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None, seed=seed * 1000 + stream + 1,
         prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()
     return pipe

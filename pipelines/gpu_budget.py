@@ -109,7 +109,13 @@ def _mib(n):
     return f"{n / 2**20:.1f} MiB"
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from dali_scp import cli
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--instances", type=int, default=30, help="up to N instances per image (one image has N)")
@@ -119,6 +125,7 @@ def main(argv=None):
                     help="standin: count through the NumPy-backed CuPy stand-in (no GPU needed); "
                          "gpu: the same and then the real thing on CuPy (pool peak, ms)")
     ap.add_argument("--json", help="write {'stages': {'masks': {...}, 'copy_paste': {...}}} here")
+    cli.add_debug_flag(ap)
     a = ap.parse_args(argv)
     if a.size % 8 or a.size <= 0 or a.batch_size < 1 or a.instances < 0:
         ap.error("--size must be a positive multiple of 8, --batch-size >= 1, --instances >= 0")

@@ -8,6 +8,10 @@ stays on the pipeline's device.
 """
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -20,11 +24,20 @@ require_dali()
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy  # noqa: E402
 from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 
 class CocoLoader:
     """Iterable of ``(images uint8 [B, S, S, 3], targets)``; ``targets[i]`` holds ``boxes`` [n, 4] float32
     xyxy, ``labels`` [n] int64 (contiguous, 1..C), ``masks`` [n, S, S] uint8, ``image_id`` int and
-    ``pasted`` [n] bool, ``geometry`` (scale, valid h, valid w, flipped). ``epoch_size`` images per epoch of this shard."""
+    ``pasted`` [n] bool, ``geometry`` (scale, valid h, valid w, flipped).
+
+    ``infinite=True`` (the trainer, the profiler) is one endless stream, as mmdetection's infinite
+    sampler: the reader wraps into the next epoch inside a batch, so a dataset smaller than a batch
+    still fills batches and no batch is ever run and then dropped. That makes the number of batches
+    the pipeline has run equal to the number the caller took, which is what ``start_batch`` must be
+    for a resume from ``state()`` to be exact. Otherwise one epoch: shuffled with the partial last
+    batch dropped, or in order with it kept (``shuffle=False``, every image exactly once)."""
 
     def __init__(self, pipeline: str, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
                  num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
@@ -32,15 +45,36 @@ class CocoLoader:
                  annotations: str | None = None, infinite: bool = False, check: bool = True,
                  checkpoint: str | None = None, start_batch: int = 0):
         self.split = split
+        self.check_report = None
         if annotations is None and check:
             # a broken file must not end a long run: read the checked, filtered copy (cached)
             annotations, self.check_report = checked_annotations(split.annotations, split.images_dir)
+        n_images = self.check_report.kept_images if self.check_report else None
+        if n_images is None and num_shards > 1:
+            n_images = count_images(annotations or split.annotations)
+        if n_images == 0:
+            raise ValueError(f"{split.annotations}: no image left to read (see `python -m dali_scp.check`)")
+        stream = shard_id
+        if n_images is not None and num_shards > n_images:
+            # DALI needs an image per shard: processes share shards, each with its own random stream
+            log.warning("%d processes share %d images: shard %d of %d reads the same images as another "
+                        "process (its own augmentation)", num_shards, n_images, shard_id, num_shards)
+            shard_id, num_shards = shard_id % n_images, n_images
         self.pipe = coco.build(pipeline, split, batch_size, device, num_threads, shard_id, num_shards, seed,
                                shuffle, out_size, device_id, annotations=annotations, checkpoint=checkpoint,
-                               start_batch=start_batch)
-        self.it = DALIGenericIterator(
-            [self.pipe], list(coco.OUTPUTS), reader_name=coco.blocks.READER_NAME, auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if shuffle else LastBatchPolicy.PARTIAL)
+                               start_batch=start_batch, stream_id=stream)
+        if infinite:
+            self.it = DALIGenericIterator([self.pipe], list(coco.OUTPUTS), size=-1, auto_reset=False)
+        else:
+            try:
+                self.it = DALIGenericIterator(
+                    [self.pipe], list(coco.OUTPUTS), reader_name=coco.blocks.READER_NAME, auto_reset=True,
+                    last_batch_policy=LastBatchPolicy.DROP if shuffle else LastBatchPolicy.PARTIAL)
+            except RuntimeError as e:
+                if "no data in the pipeline" not in str(e):
+                    raise
+                raise ValueError(f"{split.annotations}: the shard has fewer images than one batch of {batch_size}; "
+                                 "iterate with infinite=True (images repeat) or a smaller batch") from None
         self.infinite = infinite
         self._lut = torch.as_tensor(split.cat_to_label_table())
         self.batch_size = batch_size
@@ -50,14 +84,20 @@ class CocoLoader:
         return self.it.checkpoints()[0]
 
     def __len__(self):
+        if self.infinite:
+            raise TypeError("an infinite CocoLoader has no length")
         return len(self.it)
 
     def __iter__(self):
-        while True:
-            for data in self.it:
-                yield to_targets(data[0], self._lut)
-            if not self.infinite:
-                return
+        if self.infinite:
+            while True:
+                yield to_targets(next(self.it)[0], self._lut)
+        for data in self.it:
+            yield to_targets(data[0], self._lut)
+
+
+def count_images(annotations) -> int:
+    return len(json.loads(Path(annotations).read_text())["images"])
 
 
 def unpack_masks(packed: torch.Tensor) -> torch.Tensor:

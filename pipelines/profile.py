@@ -132,7 +132,8 @@ def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_siz
 
 def profile_baseline(name, split, batch, workers, warmup, iters, out_size, annotations):
     from pipelines.baseline import baseline_loader
-    loader = baseline_loader(annotations, split.images_dir, pipeline_preset(name, out_size), batch, workers)
+    loader = baseline_loader(annotations, split.images_dir, pipeline_preset(name, out_size), batch, workers,
+                             check=False)  # ``annotations`` is the checked copy already
 
     def batches():
         while True:
@@ -219,6 +220,12 @@ def format_table(out: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from dali_scp import cli
     p = argparse.ArgumentParser(prog="python -m pipelines.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", nargs="+", default=["all"], choices=list(PIPELINES) + ["all"],
@@ -232,14 +239,11 @@ def main(argv=None) -> int:
     p.add_argument("--out-size", type=int, default=None, help="canvas side (default: the preset's 1024)")
     p.add_argument("--baseline", action="store_true", help="also time the PyTorch DataLoader baseline")
     p.add_argument("--json", default=None, help="write all figures and machine facts here")
+    cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = list(PIPELINES) if "all" in a.pipeline else list(dict.fromkeys(a.pipeline))
-    try:
-        out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size)
     out["command"] = "python -m pipelines.profile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(out))
     if a.json:

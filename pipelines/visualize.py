@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 from dali_scp import dataset as ds
 from dali_scp.presets import PIPELINES
 
+log = logging.getLogger(__name__)
+
 
 def _colour(i: int):
     r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)
@@ -76,11 +78,19 @@ def render_sample(image: np.ndarray, target: dict, names, tile: int = 512) -> Im
 
 def make_grid(pipeline: str, coco_root=None, device: str = "cpu", n: int = 8, seed: int = 0, tile: int = 384,
               cols: int = 4, split: str = "train2017") -> Image.Image:
+    from dali_scp.check import checked_annotations
     from pipelines.iterator import CocoLoader
     sp = ds.resolve(coco_root, split)
-    loader = CocoLoader(pipeline, sp, batch_size=n, device=device, seed=seed,
+    ann, rep = checked_annotations(sp.annotations, sp.images_dir)
+    if rep.kept_images == 0:
+        raise ValueError(f"{sp.annotations}: no image left to draw (see `python -m dali_scp.check`)")
+    if n > rep.kept_images:  # draw what there is: one batch of every image, none twice
+        log.info("%s has %d usable images; drawing %d, not %d", sp.annotations, rep.kept_images, rep.kept_images, n)
+        n = rep.kept_images
+    loader = CocoLoader(pipeline, sp, batch_size=n, device=device, seed=seed, annotations=str(ann),
                         device_id=0 if device == "gpu" else None)
     images, targets = next(iter(loader))
+    cols = min(cols, n)
     rows = (n + cols - 1) // cols
     header = 22
     grid = Image.new("RGB", (cols * tile, rows * (tile + header)), (25, 25, 25))
@@ -97,25 +107,34 @@ def make_grid(pipeline: str, coco_root=None, device: str = "cpu", n: int = 8, se
     return grid
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from dali_scp import cli
     p = argparse.ArgumentParser(prog="python -m pipelines.visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="ssj_scp", choices=list(PIPELINES), help="augmentation preset")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="train2017")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--num", type=int, default=8, help="samples (= batch size, copy-paste pairs within it)")
+    p.add_argument("--num", type=int, default=8,
+                   help="samples (= batch size, copy-paste pairs within it; at most the dataset's images)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=384, help="tile size in px")
     p.add_argument("--out", required=True, help="output PNG")
+    cli.add_debug_flag(p)
     a = p.parse_args(argv)
+    if a.num < 1:
+        p.error(f"--num must be at least 1, not {a.num}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split)
     try:
-        grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    grid.save(a.out)
+        grid.save(a.out)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{a.out}: cannot write the picture ({e})") from e
     print(f"wrote {a.out} ({grid.size[0]}x{grid.size[1]})")
     return 0
 

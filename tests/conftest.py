@@ -54,3 +54,17 @@ def pytest_runtest_setup(item):
         problem = gpu_problem()
         if problem:
             pytest.fail(f"DALI_SCP_REQUIRE_GPU=1 but the GPU path cannot run here: {problem}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """Synthetic datasets of n training (and validation) images, smaller than a batch or with partial
+    batches; made once per size."""
+    from dali_scp.synthetic import generate
+    made = {}
+
+    def make(n: int):
+        if n not in made:
+            made[n] = generate(tmp_path_factory.mktemp(f"small{n}"), train=n, val=n, seed=10 + n)
+        return made[n]
+    return make

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from PIL import Image
 
 from dali_scp.check import check, checked_annotations, main
 
@@ -24,7 +25,7 @@ def broken(syn_root, tmp_path):
     planted["corrupt-image"] = (ims[1]["id"], None)
     ims[2]["width"] += 10
     planted["size-mismatch"] = (ims[2]["id"], None)
-    on = [a for a in anns if a["image_id"] not in (ims[0]["id"], ims[1]["id"], ims[2]["id"])]
+    on = [a for a in anns if a["image_id"] not in [im["id"] for im in ims[:4]]]
     on[0]["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
     planted["degenerate-polygon"] = (on[0]["image_id"], on[0]["id"])
     on[1]["segmentation"] = [[1, 1, 5, 5, 9, 9]]  # collinear: zero area
@@ -34,9 +35,16 @@ def broken(syn_root, tmp_path):
     on[3]["category_id"] = 4242
     planted["unknown-category"] = (on[3]["image_id"], on[3]["id"])
     on[4]["segmentation"] = {"size": [10, 10], "counts": "abc"}
-    planted["non-crowd-rle"] = (on[4]["image_id"], on[4]["id"])
+    planted["malformed-rle"] = (on[4]["image_id"], on[4]["id"])
     on[5]["image_id"] = 987654
     planted["unknown-image-id"] = (987654, on[5]["id"])
+    im6 = next(im for im in ims if im["id"] == on[6]["image_id"])
+    on[6]["segmentation"] = {"size": [im6["height"], im6["width"]], "counts": [5, 7]}  # 12 px, not h*w
+    planted["malformed-rle/sum"] = (on[6]["image_id"], on[6]["id"])
+    p = root / "train2017" / ims[3]["file_name"]
+    Image.open(p).save(p.with_suffix(".gif"))
+    ims[3]["file_name"] = p.with_suffix(".gif").name
+    planted["unsupported-image"] = (ims[3]["id"], None)
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(doc))
     return root, planted, doc
 
@@ -48,7 +56,7 @@ def test_every_planted_defect_is_found(broken):
     for kind, (iid, aid) in planted.items():
         assert (kind.split("/")[0], iid, aid) in found, kind
     assert len(rep.defects) == len(planted)
-    bad_images = {planted[k][0] for k in ("missing-image", "corrupt-image", "size-mismatch")}
+    bad_images = {planted[k][0] for k in ("missing-image", "corrupt-image", "size-mismatch", "unsupported-image")}
     assert not bad_images & {im["id"] for im in filtered["images"]}
     bad_anns = {aid for _, aid in planted.values() if aid}
     assert not bad_anns & {a["id"] for a in filtered["annotations"]}

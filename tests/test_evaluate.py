@@ -175,3 +175,34 @@ def test_distributed_evaluation_scores_every_image_once(syn_root, tmp_path):
     a = [([{"image_id": 1}], [1, 2]), ([{"image_id": 2}, {"image_id": 3}], [2, 3])]
     res, sc = ev.merge_rank_results(a)
     assert sc == [1, 2, 3] and [r["image_id"] for r in res] == [1, 3]
+
+
+def test_annotation_id_zero_is_renumbered_and_ground_truth_scores_exactly_100(syn_root, tmp_path, caplog):
+    """labelme/Roboflow number annotations from 0; COCOeval reads a matched id 0 as unmatched."""
+    doc = json.loads(resolve(syn_root, "val2017").annotations.read_text())
+    for k, a in enumerate(doc["annotations"]):
+        a["id"] = k  # 0, 1, 2, ...
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").symlink_to(syn_root / "val2017", target_is_directory=True)
+    ann = tmp_path / "annotations" / "instances_val2017.json"
+    ann.write_text(json.dumps(doc))
+    split = resolve(tmp_path, "val2017")
+    results = gt_detections(quiet_coco(ann), split)
+    plain = ev.score(quiet_coco(ann), results)
+    assert plain["bbox"]["AP"] < 1.0, "pycocotools alone loses the id-0 object (else this test proves nothing)"
+    with caplog.at_level("INFO", logger="evaluate"):
+        ours = ev.score(ev.load_ground_truth(ann), results)
+    assert ours["bbox"]["AP"] == 1.0 and ours["segm"]["AP"] == 1.0
+    assert "an annotation id is 0; ground-truth annotation ids renumbered" in caplog.text
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(results))
+    assert ev.main(["--results", str(f), "--coco-root", str(tmp_path), "--out", str(tmp_path / "m")]) == 0
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert m["bbox"]["AP"] == 1.0 and m["segm"]["AP"] == 1.0
+    # a file with positive unique ids is loaded exactly as pycocotools loads it
+    orig = resolve(syn_root, "val2017").annotations
+    worse = gt_detections(quiet_coco(orig), split, shift=3.0, erode=2)
+    for t in ("bbox", "segm"):
+        np.testing.assert_array_equal(
+            [ev.score(ev.load_ground_truth(orig), worse)[t][n] for n in ev.STAT_NAMES],
+            direct_cocoeval(quiet_coco(orig), worse, t))

@@ -73,21 +73,54 @@ def test_one_step_finite_losses_and_weights_change(syn_train):
     assert any("backbone.body.conv1" in k for k in changed) and any("mask_head" in k for k in changed)
 
 
-def test_kill_and_resume_ends_in_the_same_state(syn_root, tmp_path):
-    _train(tmp_path / "straight", syn_root, "--max-iters", "4")
-    _train(tmp_path / "resumed", syn_root, "--max-iters", "2")
+def test_kill_and_resume_ends_in_the_same_state(small_root, tmp_path):
+    """3 images, batch 2: epochs end inside batch 2 (a partial batch), after batch 3 and inside batch 5.
+    Killed after batch 2 (one boundary behind it: a one-epoch stream would have run and dropped a
+    batch there) and resumed across two more, the run must end bit for bit where the straight one does."""
+    root = small_root(3)
+    _train(tmp_path / "straight", root, "--max-iters", "5", "--record-image-ids")
+    _train(tmp_path / "resumed", root, "--max-iters", "2")
     with pytest.raises(SystemExit, match="already holds checkpoints"):
-        _train(tmp_path / "resumed", syn_root, "--max-iters", "4")
-    _train(tmp_path / "resumed", syn_root, "--max-iters", "4", "--resume")
+        _train(tmp_path / "resumed", root, "--max-iters", "5")
+    _train(tmp_path / "resumed", root, "--max-iters", "5", "--resume", "--record-image-ids")
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     state = ckpt.load(ckpt.latest(tmp_path / "resumed"))
-    assert state["iteration"] == 4
+    assert state["iteration"] == 5
+    ids = [json.loads((tmp_path / d / "rank0_debug.json").read_text())["image_ids"] for d in ("straight", "resumed")]
+    assert ids[1] == ids[0][4:] and len(ids[0]) == 10 and len(set(ids[0])) == 3
     lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "data_time", "step_time", "images_per_s"} <= set(lines[-1])
     assert (tmp_path / "straight" / "config.json").is_file() and (tmp_path / "straight" / "log.txt").is_file()
     assert list((tmp_path / "straight" / "tb").iterdir())
+
+
+@pytest.mark.parametrize("n_images,shards,shard", [(3, 1, 0), (5, 2, 0), (5, 2, 1)])
+def test_each_shard_resumes_exactly_across_epoch_boundaries(small_root, n_images, shards, shard):
+    """What every rank does on --resume: its shard's stream from DALI's checkpoint, and the number of
+    batches taken as the copy-paste stage's start. Shards of 3 (2 and 3) images with batch 2 cross epoch
+    boundaries inside batches, before and after the checkpoint."""
+    from dali_scp.dataset import resolve
+    from pipelines.iterator import CocoLoader
+    split = resolve(small_root(n_images))
+    kw = dict(batch_size=2, shard_id=shard, num_shards=shards, seed=4, out_size=64, infinite=True)
+    loader = CocoLoader("ssj_scp", split, **kw)
+    it = iter(loader)
+    straight, state = [], None
+    for k in range(8):
+        straight.append(next(it))
+        if k == 3:
+            state = loader.state()
+    resumed = CocoLoader("ssj_scp", split, checkpoint=state, start_batch=4, **kw)
+    it = iter(resumed)
+    for k in range(4, 8):
+        images, targets = next(it)
+        assert torch.equal(images, straight[k][0]), k
+        for t, u in zip(targets, straight[k][1]):
+            assert t["image_id"] == u["image_id"]
+            for key in ("boxes", "labels", "masks", "pasted"):
+                assert torch.equal(t[key], u[key]), (k, key)
 
 
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_checkpoint(syn_root, tmp_path, monkeypatch):

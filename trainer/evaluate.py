@@ -6,8 +6,11 @@
 Images go through a DALI evaluation pipeline (decode, resize keeping aspect as the recipe says -
 mmdetection tests at 1333x800 - pad, no augmentation). Boxes are mapped back to the original image,
 masks are pasted back at the original resolution and thresholded at 0.5, RLE-encoded, labels mapped
-back to the dataset's category ids. Under torchrun every rank scores its shard of the images and rank 0
-gathers and scores; each image is scored exactly once.
+back to the dataset's category ids. An image annotated on its EXIF-oriented view (the dataset check
+marks it) gets its boxes and masks mapped from the stored pixels the model saw into that frame. Scores
+are against the original annotation file (crowd regions, RLE objects as they are); annotation ids are
+renumbered for COCOeval when one is 0 (``load_ground_truth``). Under torchrun every rank scores its
+shard of the images and rank 0 gathers and scores; each image is scored exactly once.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from dali_scp import dataset as ds
+from dali_scp import orientation
+from dali_scp.rle import rle_runs
 from trainer import distributed as dist_utils
 
 log = logging.getLogger("evaluate")
@@ -34,15 +39,23 @@ STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 
 # ---------------------------------------------------------------- results
-def detections_to_results(image_id: int, det: dict, label_to_cat: np.ndarray, with_masks: bool = True) -> list:
+def detections_to_results(image_id: int, det: dict, label_to_cat: np.ndarray, with_masks: bool = True,
+                          orient: tuple | None = None) -> list:
     """One image's detections at the *original* resolution (boxes xyxy, scores, contiguous labels,
-    masks [N, 1, H, W] probabilities) -> COCO result entries (bbox xywh, RLE segmentation)."""
+    masks [N, 1, H, W] probabilities) -> COCO result entries (bbox xywh, RLE segmentation).
+    ``orient`` = (EXIF tag, stored width, stored height) for an image annotated in its oriented frame
+    while the model saw stored pixels (``dali_scp.orientation``): boxes and masks are mapped into the
+    annotation's frame."""
     boxes = det["boxes"].detach().cpu().numpy().astype(np.float64)
     scores = det["scores"].detach().cpu().numpy()
     cats = label_to_cat[det["labels"].detach().cpu().numpy()]
     rles = []
+    if orient is not None and len(boxes):
+        boxes = orientation.to_oriented_boxes(boxes, *orient)
     if with_masks and "masks" in det and len(boxes):
         m = (det["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        if orient is not None:
+            m = orientation.to_oriented_array(m, orient[0])
         rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0)))
     out = []
     for i in range(len(boxes)):
@@ -100,31 +113,32 @@ def validate_results(results, gt: COCO, source: str = "results") -> None:
             raise ValueError(f"{where}: has neither bbox nor segmentation")
 
 
-def rle_runs(counts: str) -> list:
-    """Decode COCO's compressed RLE string into run lengths (the format pycocotools writes), so a broken
-    string is reported instead of silently decoding to garbage."""
-    if not isinstance(counts, str):
-        raise TypeError(f"counts must be a string or a list, not {type(counts).__name__}")
-    runs, p = [], 0
-    while p < len(counts):
-        x = k = 0
-        more = True
-        while more:
-            if p >= len(counts):
-                raise ValueError("truncated counts string")
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"invalid character {counts[p]!r} in counts")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
+def load_ground_truth(path) -> COCO:
+    """pycocotools' COCO for ``path``, with errors naming the file. Annotation ids are renumbered
+    1..N (logged) when any is 0, negative, missing or repeated: COCOeval stores the matched id per
+    detection and reads 0 as "unmatched" (a correct detection of an id-0 object counts as a false
+    positive), and a repeated id makes one object stand in for another. Results files carry no ids,
+    so nothing else changes; files with positive unique ids are loaded exactly as pycocotools does."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        anns = doc["annotations"]
+        ids = [a.get("id") for a in anns]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from e
+    ok = all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+    if not ok or len(set(ids)) != len(ids):
+        why = ("an annotation id is 0" if 0 in ids else "annotation ids are not positive unique integers")
+        log.info("%s: %s; ground-truth annotation ids renumbered 1..%d for COCOeval (it reads id 0 as "
+                 "'unmatched')", path, why, len(anns))
+        doc["annotations"] = [dict(a, id=k + 1) for k, a in enumerate(anns)]
+    gt = COCO()
+    gt.dataset = doc
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from e
+    return gt
 
 
 def score(gt: COCO, results: list, iou_types=("bbox", "segm"), verbose: bool = False) -> dict:
@@ -160,13 +174,21 @@ def format_table(metrics: dict) -> str:
 @torch.no_grad()
 def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size: int = 4,
             d: dist_utils.Dist | None = None, progress: bool = True, annotations: str | None = None) -> list:
-    """This rank's COCO results for its shard of ``split``, and the ids of the images it scored."""
+    """This rank's COCO results for its shard of ``split`` and the ids of the images it scored.
+    ``annotations`` (the checked copy) says which images to read, their stored sizes and which were
+    annotated in their EXIF-oriented frame; predictions for those are mapped back into it. Ranks beyond
+    the number of images score nothing (DALI needs an image per shard)."""
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
     from pipelines import coco
     d = d or dist_utils.Dist()
+    images = json.loads(Path(annotations or split.annotations).read_text())["images"]
+    orient = {im["id"]: im["annotated_orientation"] for im in images if im.get("annotated_orientation", 1) != 1}
+    shards = min(d.world_size, len(images))
+    if d.rank >= shards:
+        return [], []
     pipe_dev = "gpu" if device == "cuda" else "cpu"
-    pipe = coco.build_eval(split, resize, batch_size, pipe_dev, shard_id=d.rank, num_shards=d.world_size,
+    pipe = coco.build_eval(split, resize, batch_size, pipe_dev, shard_id=d.rank, num_shards=shards,
                            device_id=d.local_rank, annotations=annotations)
     it = DALIGenericIterator([pipe], list(coco.EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
                              last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
@@ -178,11 +200,13 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
         images = data["images"].to(device)
         geo, orig = data["geometry"].cpu(), data["orig_size"].cpu()
         imgs = [images[i, : int(geo[i, 1]), : int(geo[i, 2])].permute(2, 0, 1) for i in range(len(images))]
-        dets = inference(model, imgs, [(int(h), int(w)) for h, w in orig.tolist()])
+        sizes = [(int(h), int(w)) for h, w in orig.tolist()]
+        dets = inference(model, imgs, sizes)
         for i, det in enumerate(dets):
             iid = int(data["image_ids"][i].reshape(-1)[0])
             scored.append(iid)
-            results += detections_to_results(iid, det, l2c)
+            o = (orient[iid], sizes[i][1], sizes[i][0]) if iid in orient else None
+            results += detections_to_results(iid, det, l2c, orient=o)
     return results, scored
 
 
@@ -208,8 +232,7 @@ def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: 
     if not d.is_main:
         return None, None
     results, scored = merge_rank_results(gathered)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(split.annotations))
+    gt = load_ground_truth(split.annotations)
     expected = {im["id"] for im in json.loads(Path(ann).read_text())["images"]}
     if sorted(scored) != sorted(expected):
         raise RuntimeError(f"evaluation scored {len(scored)} images, expected each of {len(expected)} once")
@@ -257,6 +280,12 @@ def load_model_from_checkpoint(path: str, num_classes: int | None = None):
 
 
 def main(argv=None) -> int:
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from dali_scp import cli
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -267,38 +296,34 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch per process")
+    cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     split = ds.resolve(a.coco_root, a.split)
-    try:
-        if a.results:
-            with contextlib.redirect_stdout(io.StringIO()):
-                gt = COCO(str(split.annotations))
-            try:
-                results = json.loads(Path(a.results).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{a.results}: cannot read results JSON ({e})") from e
-            validate_results(results, gt, a.results)
-            metrics = score(gt, results)
-            if a.out:
-                Path(a.out).mkdir(parents=True, exist_ok=True)
-                (Path(a.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            print(format_table(metrics))
-            return 0
-        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        d = dist_utils.init(device)
-        model, recipe, _ = load_model_from_checkpoint(a.checkpoint)
-        model.to(device)
-        out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
-        metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
-        if d.is_main:
-            print(format_table(metrics))
-            print(f"results and metrics written to {out}")
-        dist_utils.cleanup(d)
+    if a.results:
+        gt = load_ground_truth(split.annotations)
+        try:
+            results = json.loads(Path(a.results).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{a.results}: cannot read results JSON ({e})") from e
+        validate_results(results, gt, a.results)
+        metrics = score(gt, results)
+        if a.out:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(format_table(metrics))
         return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    d = dist_utils.init(device)
+    model, recipe, _ = load_model_from_checkpoint(a.checkpoint)
+    model.to(device)
+    out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
+    metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
+    if d.is_main:
+        print(format_table(metrics))
+        print(f"results and metrics written to {out}")
+    dist_utils.cleanup(d)
+    return 0
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--record-image-ids", action="store_true",
                    help="write the image ids each rank trained on and a digest of its final weights to "
                         "rank<R>_debug.json (checks sharding and DDP sync)")
+    from dali_scp import cli
+    cli.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -275,17 +277,17 @@ def train(a) -> dict:
 
 
 def main(argv=None) -> int:
+    from dali_scp import cli
+    return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
     a = parse_args(argv)
     try:
         train(a)
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 3
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "checkpoint" not in str(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 

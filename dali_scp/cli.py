@@ -1,0 +1,64 @@
+"""How every command-line tool ends on an error: one line on stderr naming the file and what is wrong,
+exit status 2; ``--debug`` (or ``DALI_SCP_DEBUG=1``) re-raises, for the full traceback.
+
+Why one place: bad input (a malformed JSON, a missing image, a foreign checkpoint) is the common case
+of failure and its message is the one line a user needs; a Python traceback around it reads like a
+bug in the tool and buries that line. DALI's errors are many lines of operator traceback and C++
+context; ``describe`` keeps the operator and what it encountered.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+DEBUG_ENV = "DALI_SCP_DEBUG"
+_INPUT_ERRORS = (ValueError, OSError, RuntimeError)  # what our own checks raise for bad input
+
+
+def add_debug_flag(parser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on an error, show the full traceback (also {DEBUG_ENV}=1)")
+
+
+def debug_requested(argv=None) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in args
+
+
+def _dali_summary(msg: str) -> str | None:
+    if "encountered:" not in msg:
+        return None
+    op = re.search(r"operator `([^`]+)`", msg)
+    what = msg.split("encountered:", 1)[1].split("C++ context:", 1)[0]
+    what = " ".join(what.replace("Current pipeline object is no longer valid.", "").split())
+    out = f"DALI {op.group(1) if op else 'pipeline'}: {what}"
+    if op and "decoders" in op.group(1):  # DALI's decoder does not name the file; the check does
+        out += ("; an image that passed the dataset check no longer decodes (changed since?): "
+                "`python -m dali_scp.check --coco-root DIR` names it")
+    return out
+
+
+def describe(e: BaseException) -> str:
+    """One line: the message itself for the errors our checks raise, with the exception type for
+    anything else (an unexpected error should not pass for a data problem)."""
+    msg = str(e)
+    msg = _dali_summary(msg) or "; ".join(line.strip() for line in msg.splitlines() if line.strip())
+    if len(msg) > 1000:
+        msg = msg[:1000] + " ..."
+    if not isinstance(e, _INPUT_ERRORS) or not msg:
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg
+
+
+def run(main, argv=None) -> int:
+    """Call ``main(argv)``; an exception becomes one ``error:`` line on stderr and status 2."""
+    try:
+        return main(argv)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if debug_requested(argv):
+            raise
+        print(f"error: {describe(e)} (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 2

@@ -1,0 +1,68 @@
+"""Datasets of any size >= 1 image: training streams on (images repeat), the visualiser draws what
+there is, evaluation scores every image exactly once - also with more processes than images."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_scp.dataset import resolve
+from dali_scp.presets import pipeline_preset
+from pipelines import visualize
+from pipelines.iterator import CocoLoader
+from trainer import run as run_mod
+
+
+def _no_detections(model, images, sizes):
+    import torch
+    return [dict(boxes=torch.zeros(0, 4), scores=torch.zeros(0), labels=torch.zeros(0, dtype=torch.int64),
+                 masks=torch.zeros(0, 1, *s)) for s in sizes]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_dataset_smaller_than_a_batch_trains_visualises_and_evaluates(n, small_root, tmp_path, monkeypatch):
+    from trainer import evaluate as ev
+    root = small_root(n)
+    out = tmp_path / "run"
+    if n == 3:  # the model's own detections cost time and prove nothing more than the 1-image run
+        monkeypatch.setattr(ev, "inference", _no_detections)
+    # the demo recipe's batch (4), and its evaluation on the val split at the end
+    summary = run_mod.train(run_mod.parse_args(["--preset", "demo", "--coco-root", str(root), "--threads", "2",
+                                                "--out", str(out), "--max-iters", "1", "--record-image-ids"]))
+    assert summary["iteration"] == 1
+    train_ids = {im["id"] for im in json.loads(resolve(root).annotations.read_text())["images"]}
+    seen = json.loads((out / "rank0_debug.json").read_text())["image_ids"]
+    assert len(seen) == 4 and set(seen) == train_ids, "a full batch: the data repeats"
+    assert set(summary["metrics"]) == {"bbox", "segm"}
+    val_ids = {im["id"] for im in json.loads(resolve(root, "val2017").annotations.read_text())["images"]}
+    results = json.loads((out / "eval_val2017" / "results.json").read_text())
+    assert {r["image_id"] for r in results} <= val_ids
+    # evaluate_model raises unless every val image was scored exactly once; the 3-image split is a
+    # partial batch of 4
+    png = tmp_path / "grid.png"
+    assert visualize.main(["--coco-root", str(root), "--out", str(png), "--tile", "64"]) == 0  # default --num 8
+    assert Image.open(png).size == (n * 64, 64 + 22), "one tile per image, none twice"
+
+
+def test_more_processes_than_images(small_root):
+    """Each of 2 processes reads the single image with its own augmentation; evaluation scores it once."""
+    import torch
+    from dali_scp.presets import recipe
+    from trainer import evaluate as ev
+    from trainer.distributed import Dist
+    split = resolve(small_root(1))
+    batches = []
+    for shard in (0, 1):
+        loader = CocoLoader(pipeline_preset("ssj", out_size=64), split, batch_size=2, shard_id=shard, num_shards=2,
+                            infinite=True)
+        batches.append(next(iter(loader))[0].numpy())
+    assert not np.array_equal(*batches)
+    val = resolve(small_root(1), "val2017")
+    model = torch.nn.Module()
+    monkey = ev.inference
+    try:
+        ev.inference = _no_detections
+        parts = [ev.predict(model, val, recipe("demo").eval_resize, d=Dist(r, 2, 0), progress=False) for r in (0, 1)]
+    finally:
+        ev.inference = monkey
+    assert [p[1] for p in parts] == [[json.loads(val.annotations.read_text())["images"][0]["id"]], []]
