@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dali_scp.copy_paste import derangement
+from dali_scp.copy_paste import draw_choices
 from dali_scp.presets import CopyPaste, PipelinePreset
 
 
@@ -102,16 +102,17 @@ class CopyPasteCollate:
         targets = [b[1] for b in batch]
         if self.cfg is None or len(batch) < 2:
             return torch.stack(images), targets
-        src = derangement(self.rng, len(batch))
+        # the same random choices as our pipelines (one copy-paste contract); the compositing below is
+        # the torchvision-reference style users run in their collate functions
+        choices = draw_choices(self.rng, [len(t["labels"]) for t in targets], self.cfg)
         out_i, out_t = [], []
         for d in range(len(batch)):
-            s, t, ts = int(src[d]), targets[d], targets[int(src[d])]
-            n = len(ts["labels"])
-            k = int(self.rng.integers(0, min(n, self.cfg.max_num_pasted) + 1)) if self.rng.random() < self.cfg.paste_prob else 0
-            if k == 0:
+            s, t = int(choices.src[d]), targets[d]
+            if s < 0 or len(choices.picks[d]) == 0:
                 out_i.append(images[d]), out_t.append(t)
                 continue
-            sel = torch.from_numpy(np.sort(self.rng.choice(n, size=k, replace=False)))
+            ts = targets[s]
+            sel = torch.from_numpy(choices.picks[d])
             pm = ts["masks"][sel]
             alpha = pm.any(0).bool()
             out_i.append(torch.where(alpha[None], images[s], images[d]))

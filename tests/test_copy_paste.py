@@ -284,3 +284,28 @@ def test_stages_take_the_same_decisions_on_the_gpu_branch():
     for x, y in zip(cpu, gpu):
         for u, v in zip(x, y):
             np.testing.assert_array_equal(u, v.get())
+
+
+def test_dataloader_baseline_follows_the_same_contract():
+    """The baseline's collate (torchvision-reference style, in torch) draws with ``draw_choices`` and gives
+    the reference's result: the speed comparison is between two implementations of one semantics."""
+    import torch
+    from pipelines.baseline import CopyPasteCollate
+    from pipelines.gpu_budget import coco_like_batch
+    from dali_scp.raster import rasterize_batch
+    b = coco_like_batch(4, 8, 96, seed=2)
+    masks, boxes, kept = rasterize_batch(b.polygons, b.vertices, [len(x) for x in b.labels], 96, 96)
+    masks = [m[: len(k)] for m, k in zip(masks, kept)]
+    labels = [lab[k].astype(np.int64) for lab, k in zip(b.labels, kept)]
+    batch = [(torch.from_numpy(img).permute(2, 0, 1), dict(boxes=torch.from_numpy(bx), labels=torch.from_numpy(lab),
+                                                          masks=torch.from_numpy(m), image_id=i))
+             for i, (img, bx, lab, m) in enumerate(zip(b.images, boxes, labels, masks))]
+    images, targets = CopyPasteCollate(CFG, seed=9)(batch)
+    ch = draw_choices(np.random.default_rng(9), [len(x) for x in labels], CFG)
+    ref = copy_paste(b.images, masks, boxes, labels, ch, CFG)
+    assert sum(int(p.sum()) for p in ref[4]) > 0
+    for i, t in enumerate(targets):
+        np.testing.assert_array_equal(images[i].permute(1, 2, 0).numpy(), ref[0][i])
+        np.testing.assert_array_equal(t["masks"].numpy(), ref[1][i])
+        np.testing.assert_array_equal(t["boxes"].numpy(), ref[2][i])
+        np.testing.assert_array_equal(t["labels"].numpy(), ref[3][i])
