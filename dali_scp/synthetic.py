@@ -2,8 +2,14 @@
 
 Why synthetic and why COCO-like: tests, CI and first-time users have no COCO and no network, yet
 benchmarks on this data must mean something. So images are JPEGs of COCO's byte size (~100-180 KB at
-640 px) with smooth natural-looking backgrounds, 0-30 instances of tiny to large size, polygons of
-10-60 vertices, multi-part objects, crowd regions stored as RLE and non-contiguous category ids.
+640 px) with smooth natural-looking backgrounds, 0-30 instances of tiny to large size (COCO's share of
+small / medium / large), polygons of 10-60 vertices, multi-part objects, crowd regions stored as RLE and
+non-contiguous category ids.
+
+Why shape families: a category is what an object looks like - disc, triangle, square, star, ring (two
+half-annuli: the multi-part objects), bar, cross, crescent - at a random size and rotation, so a detector
+can learn it and a short training run ends with an AP that means something. Colour says nothing about
+the category.
 
 Why flat saturated colours: every object gets a colour unique in its image (stored as the
 non-standard annotation field ``"colour"``) and far from the low-saturation background, so a test can
@@ -28,17 +34,20 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-# Non-contiguous on purpose, like COCO's 1..90 with gaps.
+# Shape families, learnable from appearance alone (colour says nothing: it is drawn independently of the
+# category). Ids non-contiguous on purpose, like COCO's 1..90 with gaps.
 CATEGORIES = [
-    (1, "person"), (3, "car"), (7, "train"), (8, "truck"), (13, "stop sign"), (18, "dog"),
-    (22, "elephant"), (27, "backpack"), (44, "bottle"), (52, "banana"), (64, "potted plant"),
-    (90, "toothbrush"),
+    (1, "disc"), (3, "triangle"), (7, "square"), (8, "star"), (13, "ring"), (18, "bar"), (22, "cross"),
+    (27, "crescent"),
 ]
 ASPECTS = [(640, 480), (480, 640), (640, 427), (427, 640), (640, 360), (640, 640), (612, 612),
            (640, 512), (500, 640), (640, 424)]
-# object radius ranges in px: tiny, small, medium, large (COCO's small is < 32^2 area)
-SIZE_CLASSES = [((3, 6), 0.25), ((6, 16), 0.35), ((16, 48), 0.28), ((48, 150), 0.12)]
+# object radius ranges in px (the circle each shape is drawn in): tiny, small, medium, large. The
+# probabilities give COCO's share of small / medium / large objects by area (41 / 34 / 24 %: small is
+# < 32^2 px, large > 96^2) once placement has dropped the objects that did not fit.
+SIZE_CLASSES = [((3, 8), 0.08), ((8, 24), 0.18), ((24, 72), 0.34), ((72, 200), 0.40)]
 MAX_OBJECTS = 30
+RING_MIN_RADIUS = 8.0  # smaller rings would have no visible hole or gap
 
 
 def palette() -> np.ndarray:
@@ -80,6 +89,79 @@ def star_polygon(rng: np.random.Generator, cx: float, cy: float, r: float, n: in
     return np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1)
 
 
+def _outline(corners: np.ndarray, n: int) -> np.ndarray:
+    """A closed polygon through ``corners`` with ``max(n, len(corners))`` vertices: the corners plus points
+    spread along the edges in proportion to their length (straight edges stay straight, corners stay
+    sharp; COCO's polygons have many vertices too)."""
+    k = len(corners)
+    nxt = np.roll(corners, -1, 0)
+    share = np.linalg.norm(nxt - corners, axis=1)
+    share = share / share.sum() * max(n - k, 0)
+    alloc = np.floor(share).astype(int)
+    alloc[np.argsort(alloc - share)[: max(n - k, 0) - alloc.sum()]] += 1
+    return np.concatenate([corners[i] + (np.arange(alloc[i] + 1)[:, None] / (alloc[i] + 1)) * (nxt[i] - corners[i])
+                           for i in range(k)])
+
+
+def _arc(radius: float, a0: float, a1: float, m: int, centre=(0.0, 0.0)) -> np.ndarray:
+    a = np.linspace(a0, a1, m)
+    return np.stack([centre[0] + radius * np.cos(a), centre[1] + radius * np.sin(a)], 1)
+
+
+def shape_parts(rng: np.random.Generator, name: str, cx: float, cy: float, r: float, n: int) -> list:
+    """The polygon part(s) of one object of shape family ``name`` inside the circle (cx, cy, r), randomly
+    rotated; every part has 10..60 vertices (``n`` asks for that many, at least 36 for the round shapes;
+    rings split them between their two halves). Rings are the multi-part objects: two half-annuli with a visible gap (>= 4 px) and a hole."""
+    n = int(np.clip(n, 10, 60))
+    if name in ("disc", "ring", "crescent"):
+        n = max(n, 36)  # round shapes stay round
+    if name == "disc":  # circle or mild ellipse
+        parts = [_arc(1.0, 0, 2 * np.pi, n + 1)[:-1] * [1.0, 1.0 / rng.uniform(1.0, 1.3)]]
+    elif name == "triangle":
+        a = np.pi / 2 + np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.15, 0.15, 3)
+        parts = [_outline(np.stack([np.cos(a), np.sin(a)], 1), n)]
+    elif name == "square":  # aspect 1..1.25
+        t = np.arctan(rng.uniform(1.0, 1.25))
+        a, b = np.cos(t), np.sin(t)
+        parts = [_outline(np.array([[a, b], [-a, b], [-a, -b], [a, -b]]), n)]
+    elif name == "star":  # five points
+        k = np.arange(10)
+        rad = np.where(k % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
+        a = np.pi / 2 + k * np.pi / 5
+        parts = [_outline(np.stack([rad * np.cos(a), rad * np.sin(a)], 1), n)]
+    elif name == "ring":  # two half-annuli with a gap >= 4 px
+        hg = max(2.0, 0.06 * r) / r  # half the gap; the outer radius shrinks so the ring stays within r
+        outer, inner = 1.0 - hg, (1.0 - hg) * rng.uniform(0.5, 0.65)
+        m = n // 2
+        mo = m // 2 + m % 2
+        top = np.concatenate([_arc(outer, 0, np.pi, mo), _arc(inner, np.pi, 0, m - mo)]) + [0.0, hg]
+        parts = [top, top * [1.0, -1.0]]
+    elif name == "bar":  # elongated, aspect 3.5..6, at least 1.5 px wide
+        length = 0.98
+        width = max(length / rng.uniform(3.5, 6.0), 1.5 / r)
+        parts = [_outline(np.array([[length, width], [-length, width], [-length, -width], [length, -width]]), n)]
+    elif name == "cross":  # plus sign
+        t = rng.uniform(0.25, 0.35)
+        L = np.sqrt(1 - t * t)
+        q = np.array([[L, t], [t, t], [t, L]])
+        corners = np.concatenate([q @ np.array([[np.cos(k * np.pi / 2), np.sin(k * np.pi / 2)],
+                                                [-np.sin(k * np.pi / 2), np.cos(k * np.pi / 2)]]) for k in range(4)])
+        parts = [_outline(corners, n)]
+    elif name == "crescent":  # a disc minus an offset disc
+        r2, d = rng.uniform(0.75, 0.85), rng.uniform(0.45, 0.55)
+        x = (d * d + 1 - r2 * r2) / (2 * d)
+        y = np.sqrt(1 - x * x)
+        t0, p0 = np.arctan2(y, x), np.arctan2(y, x - d)
+        mo = (n * 3) // 5
+        parts = [np.concatenate([_arc(1.0, t0, 2 * np.pi - t0, mo),
+                                 _arc(r2, 2 * np.pi - p0, p0, n - mo + 2, centre=(d, 0.0))[1:-1]])]
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    rot = rng.uniform(0, 2 * np.pi)
+    R = np.array([[np.cos(rot), np.sin(rot)], [-np.sin(rot), np.cos(rot)]])
+    return [(p @ R) * r + [cx, cy] for p in parts]
+
+
 def _overlaps(box, boxes, margin=4.0) -> bool:
     x0, y0, x1, y1 = box
     return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin
@@ -100,19 +182,17 @@ def make_image(rng: np.random.Generator, img_id: int):
     colours = rng.permutation(len(PALETTE))
     placed, anns = [], []
     probs = np.array([p for _, p in SIZE_CLASSES])
+    radii = []
     for obj in range(n_target):
         (rlo, rhi) = SIZE_CLASSES[rng.choice(len(SIZE_CLASSES), p=probs / probs.sum())][0]
-        r = float(rng.uniform(rlo, min(rhi, min(w, h) * 0.3)))
-        multipart = r > 12 and rng.random() < 0.2
+        radii.append(float(rng.uniform(rlo, max(rlo, min(rhi, min(w, h) * 0.3)))))
+    for r in sorted(radii, reverse=True):  # large first: they are the hardest to place
+        cat, shape = CATEGORIES[rng.integers(len(CATEGORIES))]
+        if shape == "ring":
+            r = max(r, RING_MIN_RADIUS)
         for _attempt in range(25):
             cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-            n = int(rng.integers(10, 61))
-            if multipart:
-                dx = r * 0.55
-                parts = [star_polygon(rng, cx - dx, cy, r * 0.4, max(10, n // 2)),
-                         star_polygon(rng, cx + dx, cy, r * 0.4, max(10, n // 2))]
-            else:
-                parts = [star_polygon(rng, cx, cy, r, n)]
+            parts = shape_parts(rng, shape, cx, cy, r, int(rng.integers(10, 61)))
             parts = [np.clip(p, 0, [w - 0.01, h - 0.01]) for p in parts]
             box = _poly_box(parts)
             if not _overlaps(box, placed):
@@ -127,7 +207,6 @@ def make_image(rng: np.random.Generator, img_id: int):
             draw.polygon([tuple(v) for v in p], fill=fill)
         segm = [np.round(p, 2).reshape(-1).tolist() for p in parts]
         area = float(sum(_shoelace(p) for p in parts))
-        cat = CATEGORIES[rng.integers(len(CATEGORIES))][0]
         anns.append(dict(image_id=img_id, category_id=int(cat), segmentation=segm, area=area,
                          bbox=[round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
                                round(box[3] - box[1], 2)], iscrowd=0, colour=[int(c) for c in colour]))

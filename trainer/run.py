@@ -270,6 +270,8 @@ def train(a) -> dict:
             print(f"\nCOCO evaluation on {val.root.name}/val2017 after {it} iterations:")
             print(format_table(metrics))
             mlog.write(it, {f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()}, prefix="val")
+            from trainer.showcase import after_evaluation
+            summary["picture"] = after_evaluation(val, run_dir)
         summary["metrics"] = metrics
     mlog.close()
     dist_utils.cleanup(d)
