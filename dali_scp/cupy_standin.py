@@ -305,6 +305,15 @@ class StandIn:
 
     array = asarray
 
+    def arange(self, start, stop=None, step=1, dtype=None):
+        """As CuPy: start and step are converted to ``dtype`` first, so ``arange(7, -1, -1,
+        dtype=uint8)`` raises OverflowError (NumPy computes it in a wider type and accepts it)."""
+        if dtype is not None:
+            typ = np.dtype(dtype).type
+            typ(start if stop is not None else 0), typ(step)
+        return self._call("arange", np.arange, (start,) if stop is None else (start, stop, step),
+                          {} if dtype is None else {"dtype": dtype})
+
     def h2d_upload(self, name):
         self.meter.h2d += 1
         self.meter.ops["h2d:" + name] += 1

@@ -76,7 +76,7 @@ def packbits(xp, masks):
         pad = xp.zeros(masks.shape[:-1] + (8 - masks.shape[-1] % 8,), masks.dtype)
         masks = xp.concatenate([masks, pad], axis=-1)
     masks = (masks != 0).astype(xp.uint8)  # any nonzero pixel is set, as np.packbits reads it
-    shifts = xp.arange(7, -1, -1, dtype=xp.uint8)
+    shifts = xp.arange(7, -1, -1).astype(xp.uint8)
     m = masks.reshape(masks.shape[:-1] + (masks.shape[-1] // 8, 8))
     return (m << shifts).sum(axis=-1, dtype=xp.uint8)
 
@@ -84,7 +84,7 @@ def packbits(xp, masks):
 def unpackbits(xp, packed):
     if xp is np:
         return np.unpackbits(packed, axis=-1)
-    shifts = xp.arange(7, -1, -1, dtype=xp.uint8)
+    shifts = xp.arange(7, -1, -1).astype(xp.uint8)
     return ((packed[..., None] >> shifts) & 1).reshape(packed.shape[:-1] + (packed.shape[-1] * 8,))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from dali_scp.cupy_standin import StandIn
 from dali_scp.presets import CopyPaste
 from dali_scp.synthetic import star_polygon
-from pipelines.stages import CopyPasteStage, RasterizeStage
+from pipelines.stages import CopyPasteStage, RasterizeStage, raise_if_failed
 
 STAGES = ("masks", "copy_paste")
 
@@ -70,9 +70,11 @@ def measure_standin(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None
     out = {}
     xp.meter.reset()
     masks, boxes, cat_ids = RasterizeStage(size, size)(polygons, vertices, labels)
+    raise_if_failed()
     out["masks"] = xp.meter.summary()
     xp.meter.reset()  # the mask stage's outputs are the next stage's inputs (DALI's buffers)
     result = CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)(images, masks, boxes, cat_ids)
+    raise_if_failed()
     out["copy_paste"] = xp.meter.summary()
     del result
     return out
@@ -86,7 +88,11 @@ def measure_gpu(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, se
     ras, cps = RasterizeStage(size, size), CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)
     res = {}
 
-    def timed(fn):
+    def timed(stage):
+        def fn():
+            out = stage()
+            raise_if_failed()
+            return out
         fn()  # warm-up: kernel compilation, pool growth
         cp.cuda.Device().synchronize()
         pool.free_all_blocks()

@@ -18,7 +18,7 @@ import torch
 from dali_scp.check import checked_annotations
 from dali_scp.dataset import CocoSplit
 from dali_scp.deps import require_dali
-from pipelines import coco
+from pipelines import coco, stages
 
 require_dali()
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy  # noqa: E402
@@ -91,8 +91,11 @@ class CocoLoader:
     def __iter__(self):
         if self.infinite:
             while True:
-                yield to_targets(next(self.it)[0], self._lut)
+                data = next(self.it)
+                stages.raise_if_failed()
+                yield to_targets(data[0], self._lut)
         for data in self.it:
+            stages.raise_if_failed()
             yield to_targets(data[0], self._lut)
 
 

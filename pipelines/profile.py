@@ -111,10 +111,15 @@ def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_siz
         sync = torch.cuda.synchronize
     # raw pipeline runs (no PyTorch), with the stage timers
     pipe = coco.build(preset, split, batch, device, threads, annotations=annotations)
+
+    def run():
+        out = pipe.run()
+        stages.raise_if_failed()
+        return out
     for _ in range(warmup):
-        pipe.run()
+        run()
     stages.STAGE_SECONDS.clear()
-    lat, wall, cpu = _timed_loop(pipe.run, 0, iters, on_batch=gpu.sample)
+    lat, wall, cpu = _timed_loop(run, 0, iters, on_batch=gpu.sample)
     raw = _summary(lat, wall, cpu, batch, threads)
     stage_ms = {k: 1e3 * v / iters for k, v in stages.STAGE_SECONDS.items()}
     del pipe

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import traceback
 from collections import defaultdict
 
 import numpy as np
@@ -22,17 +23,62 @@ log = logging.getLogger(__name__)
 STAGE_SECONDS: dict = defaultdict(float)
 
 
-def timed(name):
+
+class StageFailed(RuntimeError):
+    """A custom stage raised inside the DALI pipeline; raised again in the caller's thread by
+    ``raise_if_failed`` (the PyTorch iterator and the profiler call it after every batch)."""
+
+
+# Exceptions caught inside stages since the last ``raise_if_failed`` (first one wins).
+_FAILURES: list = []
+
+
+def raise_if_failed() -> None:
+    if _FAILURES:
+        name, batch, exc, tb = _FAILURES[0]
+        _FAILURES.clear()
+        first = (str(exc).splitlines() or [""])[0]
+        err = StageFailed(f"the {name} stage failed on batch {batch}: {type(exc).__name__}: {first}")
+        err.stage_traceback = tb
+        raise err from exc
+
+
+def guarded(name, empty):
+    """No exception may leave a stage into DALI: raised inside a GPU ``python_function``, DALI 2.4 ended
+    the whole process with a segmentation fault (seen on an H100, in ``share_outputs``), and on the CPU
+    the message arrives wrapped in DALI's own text. So the stage keeps the exception, hands DALI
+    well-formed empty outputs for that batch (``empty(stage, *inputs)``), and the iterator raises it.
+    Also times the stage (``STAGE_SECONDS``, read by pipelines.profile)."""
     def deco(fn):
         @functools.wraps(fn)
-        def wrapper(*args):
+        def wrapper(self, *args):
             t = time.perf_counter()
+            calls = self.__dict__.setdefault("_calls", 0)
+            self._calls = calls + 1
             try:
-                return fn(*args)
+                return fn(self, *args)
+            except Exception as e:  # noqa: BLE001 - handed to raise_if_failed, never swallowed
+                log.debug("%s stage failed", name, exc_info=True)
+                _FAILURES.append((name, calls, e, traceback.format_exc()))
+                return empty(self, *args)
             finally:
                 STAGE_SECONDS[name] += time.perf_counter() - t
         return wrapper
     return deco
+
+
+def _empty_masks(self, polygons, vertices, labels):
+    xp = xpm.get_xp(*vertices) if len(vertices) else np
+    b = len(labels)
+    return ([xp.zeros((0, self.height, self.width // 8), xp.uint8) for _ in range(b)],
+            [xp.zeros((0, 4), xp.float32) for _ in range(b)], [xp.zeros((0,), xp.int32) for _ in range(b)])
+
+
+def _empty_copy_paste(self, images, masks, boxes, cat_ids):
+    xp = xpm.get_xp(*images) if len(images) else np
+    return (list(images), [xp.zeros((0, *m.shape[1:]), xp.uint8) for m in masks],
+            [xp.zeros((0, 4), xp.float32) for _ in images], [xp.zeros((0,), c.dtype) for c in cat_ids],
+            [xp.zeros((0,), xp.uint8) for _ in images])
 
 
 class RasterizeStage:
@@ -66,7 +112,7 @@ class RasterizeStage:
                 win[...] = 0
         return list(packed)
 
-    @timed("masks")
+    @guarded("masks", _empty_masks)
     def __call__(self, polygons, vertices, labels):
         xp = xpm.get_xp(*vertices)
         if xp is not np:
@@ -103,7 +149,7 @@ class CopyPasteStage:
             self._arena = np.zeros((b, max(n, 64), h, wb), np.uint8)
         return self._arena
 
-    @timed("copy_paste")
+    @guarded("copy_paste", _empty_copy_paste)
     def __call__(self, images, masks, boxes, cat_ids):
         if len(images) < 2 and not CopyPasteStage._warned_single:
             log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")

@@ -116,3 +116,13 @@ def test_gpu_pipeline_matches_cpu_pipeline(name, syn_train):
         # identical vertices -> identical rasterisation; copy-paste decisions depend on masks only
         torch.testing.assert_close(a["boxes"], b["boxes"])
         assert torch.equal(a["masks"], b["masks"])
+
+
+@pytest.mark.parametrize("stage", ["masks", "copy_paste"])
+def test_an_error_inside_a_gpu_stage_is_one_named_error_not_a_crash(stage, syn_root):
+    """Before the stages caught their exceptions, a CuPy error inside the GPU copy-paste ended the
+    process with a segmentation fault in DALI's ``share_outputs`` (seen on an H100)."""
+    from stage_failure import run_probe
+    p = run_probe(syn_root, "gpu", stage)
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-3000:]}"
+    assert f"CAUGHT the {stage} stage failed on batch 0: ValueError: planted failure" in p.stdout, p.stdout

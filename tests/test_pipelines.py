@@ -152,3 +152,14 @@ def test_shards_are_disjoint_and_cover_the_dataset(syn_train):
         seen.append(set(ids))
     assert not (seen[0] & seen[1])
     assert len(seen[0] | seen[1]) == n_images
+
+
+@pytest.mark.parametrize("stage", ["masks", "copy_paste"])
+def test_an_error_inside_a_stage_reaches_the_caller_as_one_named_error(stage, syn_root):
+    """An exception in a custom stage must come out of the iterator as StageFailed naming the stage,
+    the batch and the original error, and no batch built from the failed stage's empty stand-in
+    outputs may reach the caller (tests/test_gpu.py runs the same on the GPU)."""
+    from stage_failure import run_probe
+    p = run_probe(syn_root, "cpu", stage)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert f"CAUGHT the {stage} stage failed on batch 0: ValueError: planted failure" in p.stdout, p.stdout
