@@ -35,6 +35,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dali_scp import orientation, rle
+from dali_scp.files import atomic_write, cache_dir
+from dali_scp.raster import polygon_area
 
 log = logging.getLogger(__name__)
 CHECK_VERSION = 2
@@ -96,12 +98,6 @@ class Report:
         if self.converted_rle:
             lines.append(f"  notes: {self.converted_rle} non-crowd RLE objects read as exact rectangle polygons")
         return "\n".join(lines)
-
-
-def _shoelace(p):
-    xs, ys = p[0::2], p[1::2]
-    n = len(xs)
-    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
 
 
 def _unsupported(fmt, mode, tag) -> str | None:
@@ -280,7 +276,7 @@ def check(ann_file: str | os.PathLike, images_dir: str | os.PathLike, workers: i
                                           "coordinates (< 3 points)")
             elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
                 bad("malformed-annotation", f"polygon {k} holds values that are not numbers")
-            elif _shoelace(poly) <= 0:
+            elif polygon_area(np.reshape(poly, (-1, 2))) <= 0:
                 bad("degenerate-polygon", f"polygon {k} has zero area")
             else:
                 good.append(poly)
@@ -303,10 +299,6 @@ def check(ann_file: str | os.PathLike, images_dir: str | os.PathLike, workers: i
     return rep, filtered
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DALI_SCP_CACHE", Path.home() / ".cache" / "dali_scp")) / "checked"
-
-
 def _key(ann_file: Path, images_dir: Path) -> str:
     st = ann_file.stat()
     h = hashlib.sha1(f"{CHECK_VERSION}|{ann_file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{images_dir.resolve()}"
@@ -317,7 +309,7 @@ def _key(ann_file: Path, images_dir: Path) -> str:
 def checked_annotations(ann_file, images_dir, workers: int = 8, progress: bool = True) -> tuple[Path, Report]:
     """The filtered annotation file for a split, computed once per version of the JSON (cached)."""
     ann_file, images_dir = Path(ann_file), Path(images_dir)
-    d = _cache_dir() / _key(ann_file, images_dir)
+    d = cache_dir() / "checked" / _key(ann_file, images_dir)
     out, rep_file = d / ann_file.name, d / "report.json"
     if out.is_file() and rep_file.is_file():
         rep = Report.from_dict(json.loads(rep_file.read_text()))
@@ -341,13 +333,6 @@ def checked_annotations(ann_file, images_dir, workers: int = 8, progress: bool =
     if rep.defects or rep.notes or rep.converted_rle:
         (log.warning if rep.defects else log.info)("dataset check: %s", rep.summary().replace("\n", "; "))
     return out, rep
-
-
-def atomic_write(path: Path, text: str):
-    """Temp file + rename: a reader never sees half a file, a crash never leaves one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

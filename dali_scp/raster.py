@@ -27,6 +27,13 @@ import numpy as np
 from dali_scp import xp as xpm
 
 
+def polygon_area(points: np.ndarray) -> float:
+    """Area of one polygon, vertices [n, 2] (x, y) in order (shoelace formula; the dataset check drops
+    zero-area polygons, the synthetic generator writes the COCO ``area`` field)."""
+    x, y = points[:, 0], points[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
 @dataclass
 class Spans:
     """Horizontal runs [c0, c1) of row ``row`` inside polygon ``poly`` (possibly empty: c0 == c1)."""

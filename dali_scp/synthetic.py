@@ -32,6 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from dali_scp.files import atomic_write, cache_dir
+from dali_scp.raster import polygon_area
+
 log = logging.getLogger(__name__)
 
 # Shape families, learnable from appearance alone (colour says nothing: it is drawn independently of the
@@ -206,7 +209,7 @@ def make_image(rng: np.random.Generator, img_id: int):
         for p in parts:
             draw.polygon([tuple(v) for v in p], fill=fill)
         segm = [np.round(p, 2).reshape(-1).tolist() for p in parts]
-        area = float(sum(_shoelace(p) for p in parts))
+        area = float(sum(polygon_area(p) for p in parts))
         anns.append(dict(image_id=img_id, category_id=int(cat), segmentation=segm, area=area,
                          bbox=[round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
                                round(box[3] - box[1], 2)], iscrowd=0, colour=[int(c) for c in colour]))
@@ -243,11 +246,6 @@ def _crowd(rng, img, draw, placed, img_id):
                  iscrowd=1)]
 
 
-def _shoelace(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
-
-
 def write_split(root: Path, split: str, n: int, seed: int, first_id: int, quality: int = 94) -> None:
     img_dir = root / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -267,9 +265,7 @@ def write_split(root: Path, split: str, n: int, seed: int, first_id: int, qualit
     doc = dict(info=dict(description="dali-scp synthetic COCO-like dataset", seed=seed),
                licenses=[], images=images, annotations=annotations,
                categories=[dict(id=c, name=nm, supercategory="synthetic") for c, nm in CATEGORIES])
-    tmp = ann_dir / f".instances_{split}.json.tmp"
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, ann_dir / f"instances_{split}.json")
+    atomic_write(ann_dir / f"instances_{split}.json", json.dumps(doc))
 
 
 def generate(out: str | os.PathLike, train: int = 64, val: int = 16, seed: int = 0) -> Path:
@@ -282,8 +278,7 @@ def generate(out: str | os.PathLike, train: int = 64, val: int = 16, seed: int =
 
 def default_root(train: int = 64, val: int = 16, seed: int = 0) -> Path:
     """The embedded default dataset, generated once into a cache folder (no downloads, ever)."""
-    cache = Path(os.environ.get("DALI_SCP_CACHE", Path.home() / ".cache" / "dali_scp"))
-    root = cache / f"synthetic_t{train}_v{val}_s{seed}"
+    root = cache_dir() / f"synthetic_t{train}_v{val}_s{seed}"
     if not (root / "SYNTHETIC").exists():
         log.info("generating the synthetic COCO-like dataset into %s (once)", root)
         generate(root, train, val, seed)

@@ -252,7 +252,7 @@ def _main(argv=None) -> int:
     out["command"] = "python -m pipelines.profile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(out))
     if a.json:
-        from dali_scp.check import atomic_write
+        from dali_scp.files import atomic_write
         from pathlib import Path
         atomic_write(Path(a.json), json.dumps(out, indent=1))
         print(f"wrote {a.json}")

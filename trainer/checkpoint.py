@@ -6,30 +6,15 @@ states, DALI data-stream state, iteration)."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
 import torch
 
+from dali_scp.files import atomic_write
+
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^ckpt_(\d{8})\.pth$")
-
-
-def save_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -46,7 +31,7 @@ def latest(run_dir: Path) -> Path | None:
 
 def save(run_dir: Path, iteration: int, state: dict, keep: int) -> Path:
     path = Path(run_dir) / f"ckpt_{iteration:08d}.pth"
-    save_atomic(state, path)
+    atomic_write(path, lambda f: torch.save(state, f), durable=True)
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     log.info("saved checkpoint %s", path)

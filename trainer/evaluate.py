@@ -240,7 +240,7 @@ def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: 
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        from dali_scp.check import atomic_write
+        from dali_scp.files import atomic_write
         atomic_write(out_dir / "results.json", json.dumps(results))
         atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics, scored

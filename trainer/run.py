@@ -143,7 +143,7 @@ def train(a) -> dict:
     if d.is_main:
         print(json.dumps(config, indent=1))
         if not a.resume:
-            from dali_scp.check import atomic_write
+            from dali_scp.files import atomic_write
             atomic_write(run_dir / "config.json", json.dumps(config, indent=1))
         if total != r.total_batch:
             log.info("total batch %d differs from the recipe's %d: learning rate scaled linearly %.4g x %d/%d = %.4g",
