@@ -99,6 +99,15 @@ class Recipe:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        """The inverse of ``as_dict`` (checkpoints store the recipe as plain JSON-like data: tuples come
+        back as lists, ``eval_resize`` as a dict)."""
+        d = dict(d)
+        d["eval_resize"] = EvalResize(**d["eval_resize"])
+        d["steps"] = tuple(d["steps"])
+        return cls(**d)
+
 
 _90K = dict(max_iters=90000, warmup_iters=500, warmup_factor=0.067, steps=(81000, 85500, 87750))
 _270K = dict(max_iters=270000, warmup_iters=1000, warmup_factor=0.001, steps=(243000, 256500, 263250))

@@ -188,3 +188,10 @@ def test_training_lowers_the_loss(syn_root, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = lines[0]["loss"], lines[-1]["loss"]
     assert last < 0.7 * first, (first, last)
+
+
+def test_recipe_round_trips_through_its_dict():
+    from dali_scp.presets import Recipe
+    for r in RECIPES.values():
+        d = json.loads(json.dumps(r.as_dict()))  # as a checkpoint or config.json holds it
+        assert Recipe.from_dict(d) == r

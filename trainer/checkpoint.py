@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^ckpt_(\d{8})\.pth$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that this code did not write (or wrote for another model):
+    bad input the user can fix by naming another file, told apart from other failures by its type."""
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -42,4 +47,4 @@ def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"{path}: cannot read checkpoint ({e})") from e
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e

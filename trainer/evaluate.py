@@ -259,22 +259,22 @@ def merge_rank_results(per_rank: list):
 
 # ---------------------------------------------------------------- CLI
 def load_model_from_checkpoint(path: str, num_classes: int | None = None):
-    from dali_scp.presets import Recipe, EvalResize
+    from dali_scp.presets import Recipe
     from trainer import checkpoint as ckpt
     from trainer.model import build_model
     state = ckpt.load(Path(path))
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise ValueError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe')")
-    rd = dict(state["recipe"])
-    rd["eval_resize"] = EvalResize(**rd["eval_resize"])
-    rd["steps"] = tuple(rd["steps"])
-    recipe = Recipe(**rd)
+        raise ckpt.CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe')")
+    try:
+        recipe = Recipe.from_dict(state["recipe"])
+    except (TypeError, KeyError) as e:
+        raise ckpt.CheckpointError(f"{path}: its recipe is not one this version reads ({e})") from e
     n = state.get("num_classes", num_classes)
     model = build_model(recipe, n)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: checkpoint does not match the model built from its recipe "
+        raise ckpt.CheckpointError(f"{path}: checkpoint does not match the model built from its recipe "
                          f"({recipe.name}, {recipe.backbone}, {n} classes): {str(e).splitlines()[0]} ...") from e
     return model, recipe, state
 
