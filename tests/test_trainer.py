@@ -195,3 +195,45 @@ def test_recipe_round_trips_through_its_dict():
     for r in RECIPES.values():
         d = json.loads(json.dumps(r.as_dict()))  # as a checkpoint or config.json holds it
         assert Recipe.from_dict(d) == r
+
+
+def test_the_loop_calls_its_hooks_around_a_plain_step():
+    """A newcomer's hook sees every moment; after a failure after_train still runs, with finished False."""
+    from trainer.train_loop import HookBase, Trainer
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    seen = []
+
+    class Spy(HookBase):
+        def before_train(self):
+            seen.append(("before", self.trainer.iter))
+
+        def after_forward(self):
+            seen.append(("forward", self.trainer.iter, float(self.trainer.loss.detach())))
+            if self.trainer.iter == fail_at:
+                raise FloatingPointError
+
+        def after_step(self):
+            seen.append(("step", self.trainer.iter))
+
+        def after_train(self):
+            seen.append(("after", self.trainer.iter, self.trainer.finished))
+
+    def data():
+        while True:
+            yield torch.tensor(2.0), None
+
+    fail_at = None
+    t = Trainer(data(), lambda x, _: {"loss": w * x}, opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    t.register_hooks([Spy()])
+    t.train(1, 3)
+    assert seen == [("before", 1), ("forward", 1, 2.0), ("step", 2), ("forward", 2, pytest.approx(1.6)), ("step", 3),
+                    ("after", 3, True)]
+    assert float(w.detach()) == pytest.approx(0.6)
+    seen.clear()
+    fail_at = 1
+    with pytest.raises(FloatingPointError):
+        t.train(1, 3)
+    assert seen == [("before", 1), ("forward", 1, pytest.approx(1.2)), ("after", 1, False)]
+    assert float(w.detach()) == pytest.approx(0.6)  # the failed step changed nothing

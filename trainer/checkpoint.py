@@ -6,9 +6,11 @@ states, DALI data-stream state, iteration)."""
 from __future__ import annotations
 
 import logging
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dali_scp.files import atomic_write
@@ -48,3 +50,19 @@ def load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from e
+
+
+def rng_state() -> dict:
+    """This process's random generators (torch, CUDA, NumPy, Python), for an exact resume."""
+    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
