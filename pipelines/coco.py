@@ -3,9 +3,8 @@
 
     reader -> decode -> scale jitter (image + polygons) -> rasterised masks -> [copy-paste] -> pad
 
-Outputs, per sample: image [S, S, 3] uint8, masks [Nmax, S, S/8] uint8 bit-packed, boxes [Nmax, 4] float32 xyxy,
-category ids [Nmax] int32 (padding -1), pasted flags [Nmax] uint8, count [1], image id [1], geometry [4] (scale, valid h, valid w,
-flipped). ``pipelines.iterator`` turns them into torchvision-style targets.
+Outputs: ``pipelines.outputs.OUTPUTS`` (names, order and shapes; ``Geometry`` for the geometry vector).
+``pipelines.iterator`` turns them into torchvision-style targets.
 """
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ require_dali()
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from pipelines import blocks  # noqa: E402
-
-OUTPUTS = ("images", "masks", "boxes", "cat_ids", "pasted", "counts", "image_ids", "geometry")
+from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, ordered  # noqa: E402,F401 - the iterators name outputs with these
 
 
 @pipeline_def
@@ -34,10 +32,8 @@ def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePres
     else:
         pasted = blocks.no_paste_flags(cat_ids)
     masks, boxes, cat_ids, pasted, counts = blocks.padded_targets(masks, boxes, cat_ids, pasted)
-    return images, masks, boxes, cat_ids, pasted, counts, image_ids, geometry
-
-
-EVAL_OUTPUTS = ("images", "image_ids", "geometry", "orig_size")
+    return ordered(OUTPUTS, images=images, masks=masks, boxes=boxes, cat_ids=cat_ids, pasted=pasted, counts=counts,
+                   image_ids=image_ids, geometry=geometry)
 
 
 @pipeline_def
@@ -45,7 +41,7 @@ def evaluation_pipeline(files: blocks.CocoFiles, resize: EvalResize, device: str
     jpegs, _, _, _, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle=False)
     images = blocks.decode(jpegs, device)
     images, geometry, orig_size = blocks.fit_resize(jpegs, images, resize)
-    return images, image_ids, geometry, orig_size
+    return ordered(EVAL_OUTPUTS, images=images, image_ids=image_ids, geometry=geometry, orig_size=orig_size)
 
 
 def build_eval(split: CocoSplit, resize: EvalResize, batch_size: int = 4, device: str = "cpu",

@@ -19,6 +19,7 @@ from dali_scp.check import checked_annotations
 from dali_scp.dataset import CocoSplit
 from dali_scp.deps import require_dali
 from pipelines import coco, stages
+from pipelines.outputs import OUTPUTS, Geometry
 
 require_dali()
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy  # noqa: E402
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class CocoLoader:
     """Iterable of ``(images uint8 [B, S, S, 3], targets)``; ``targets[i]`` holds ``boxes`` [n, 4] float32
     xyxy, ``labels`` [n] int64 (contiguous, 1..C), ``masks`` [n, S, S] uint8, ``image_id`` int and
-    ``pasted`` [n] bool, ``geometry`` (scale, valid h, valid w, flipped).
+    ``pasted`` [n] bool, ``geometry`` (a ``pipelines.outputs.Geometry``).
 
     ``infinite=True`` (the trainer, the profiler) is one endless stream, as mmdetection's infinite
     sampler: the reader wraps into the next epoch inside a batch, so a dataset smaller than a batch
@@ -60,15 +61,16 @@ class CocoLoader:
             log.warning("%d processes share %d images: shard %d of %d reads the same images as another "
                         "process (its own augmentation)", num_shards, n_images, shard_id, num_shards)
             shard_id, num_shards = shard_id % n_images, n_images
-        self.pipe = coco.build(pipeline, split, batch_size, device, num_threads, shard_id, num_shards, seed,
-                               shuffle, out_size, device_id, annotations=annotations, checkpoint=checkpoint,
-                               start_batch=start_batch, stream_id=stream)
+        self.pipe = coco.build(pipeline, split, batch_size=batch_size, device=device, num_threads=num_threads,
+                               shard_id=shard_id, num_shards=num_shards, seed=seed, shuffle=shuffle,
+                               out_size=out_size, device_id=device_id, annotations=annotations,
+                               checkpoint=checkpoint, start_batch=start_batch, stream_id=stream)
         if infinite:
-            self.it = DALIGenericIterator([self.pipe], list(coco.OUTPUTS), size=-1, auto_reset=False)
+            self.it = DALIGenericIterator([self.pipe], list(OUTPUTS), size=-1, auto_reset=False)
         else:
             try:
                 self.it = DALIGenericIterator(
-                    [self.pipe], list(coco.OUTPUTS), reader_name=coco.blocks.READER_NAME, auto_reset=True,
+                    [self.pipe], list(OUTPUTS), reader_name=coco.blocks.READER_NAME, auto_reset=True,
                     last_batch_policy=LastBatchPolicy.DROP if shuffle else LastBatchPolicy.PARTIAL)
             except RuntimeError as e:
                 if "no data in the pipeline" not in str(e):
@@ -122,5 +124,5 @@ def to_targets(d: dict, lut: torch.Tensor):
         targets.append(dict(
             boxes=d["boxes"][i, :n], labels=lut[ids], masks=unpack_masks(d["masks"][i, :n]), cat_ids=ids,
             pasted=d["pasted"][i, :n].bool(), image_id=int(d["image_ids"][i].reshape(-1)[0]),
-            geometry=d["geometry"][i]))
+            geometry=Geometry.from_row(d["geometry"][i])))
     return images, targets

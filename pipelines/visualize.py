@@ -45,7 +45,7 @@ def _dashed_rect(draw, box, fill, width=2, dash=8):
 
 
 def render_sample(image: np.ndarray, target: dict, names, tile: int = 512) -> Image.Image:
-    """image [S, S, 3] uint8; target with numpy boxes/labels/masks/pasted/geometry."""
+    """image [S, S, 3] uint8; target with numpy boxes/labels/masks/pasted and a ``Geometry``."""
     img = image.astype(np.float32)
     S = img.shape[0]
     masks = target["masks"].astype(bool)
@@ -53,9 +53,9 @@ def render_sample(image: np.ndarray, target: dict, names, tile: int = 512) -> Im
         c = np.array(_colour(i), np.float32)
         img[m] = img[m] * 0.5 + c * 0.5
         img[_outline(m)] = c
-    _, vh, vw, _ = [float(v) for v in target["geometry"]]
+    geo = target["geometry"]
     pad = np.ones((S, S), bool)
-    pad[: int(vh), : int(vw)] = False
+    pad[: geo.valid_h, : geo.valid_w] = False
     hatch = ((np.add.outer(np.arange(S), np.arange(S)) // 12) % 2 == 0)
     img[pad & hatch] *= 0.55
     scale = tile / S
@@ -100,9 +100,9 @@ def make_grid(pipeline: str, coco_root=None, device: str = "cpu", n: int = 8, se
         tile_img = render_sample(images[i].cpu().numpy(), t, sp.name_of_label, tile)
         x, y = (i % cols) * tile, (i // cols) * (tile + header)
         grid.paste(tile_img, (x, y + header))
-        n_p = int(t["pasted"].sum())
+        n_p, geo = int(t["pasted"].sum()), t["geometry"]
         draw.text((x + 4, y + 5), f"image {t['image_id']}  {len(t['labels'])} objects ({n_p} pasted)"
-                  f"  resize x{float(t['geometry'][0]):.2f}{'  flipped' if t['geometry'][3] else ''}",
+                  f"  resize x{geo.scale:.2f}{'  flipped' if geo.flipped else ''}",
                   fill=(230, 230, 230))
     return grid
 

@@ -39,3 +39,4 @@ def test_polygon_area():
     square = np.array([[0, 0], [4, 0], [4, 3], [0, 3]], float)
     assert polygon_area(square) == 12.0 and polygon_area(square[::-1]) == 12.0
     assert polygon_area(np.reshape([1, 1, 5, 5, 9, 9], (-1, 2))) == 0.0
+

@@ -163,3 +163,13 @@ def test_an_error_inside_a_stage_reaches_the_caller_as_one_named_error(stage, sy
     p = run_probe(syn_root, "cpu", stage)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     assert f"CAUGHT the {stage} stage failed on batch 0: ValueError: planted failure" in p.stdout, p.stdout
+
+
+def test_outputs_are_named_once_and_geometry_reads_the_vector():
+    from pipelines.outputs import OUTPUTS, Geometry, ordered
+    outs = {n: i for i, n in enumerate(OUTPUTS)}
+    assert ordered(OUTPUTS, **dict(reversed(outs.items()))) == tuple(range(len(OUTPUTS)))
+    with pytest.raises(ValueError):
+        ordered(OUTPUTS, images=0)
+    g = Geometry.from_row(np.array([1.25, 300.0, 256.0, 1.0], np.float32))
+    assert g == (1.25, 300, 256, True) and g.valid_h == 300 and g.flipped

@@ -181,6 +181,7 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
     from pipelines import coco
+    from pipelines.outputs import EVAL_OUTPUTS, Geometry
     d = d or dist_utils.Dist()
     images = json.loads(Path(annotations or split.annotations).read_text())["images"]
     orient = {im["id"]: im["annotated_orientation"] for im in images if im.get("annotated_orientation", 1) != 1}
@@ -190,7 +191,7 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     pipe_dev = "gpu" if device == "cuda" else "cpu"
     pipe = coco.build_eval(split, resize, batch_size, pipe_dev, shard_id=d.rank, num_shards=shards,
                            device_id=d.local_rank, annotations=annotations)
-    it = DALIGenericIterator([pipe], list(coco.EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
+    it = DALIGenericIterator([pipe], list(EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
                              last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
     l2c = split.label_to_cat()
     model.eval()
@@ -198,9 +199,9 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     for data in tqdm(it, total=len(it), desc="evaluating", unit="batch", disable=not progress, leave=False):
         data = data[0]
         images = data["images"].to(device)
-        geo, orig = data["geometry"].cpu(), data["orig_size"].cpu()
-        imgs = [images[i, : int(geo[i, 1]), : int(geo[i, 2])].permute(2, 0, 1) for i in range(len(images))]
-        sizes = [(int(h), int(w)) for h, w in orig.tolist()]
+        geos = [Geometry.from_row(g) for g in data["geometry"].cpu()]
+        imgs = [images[i, : g.valid_h, : g.valid_w].permute(2, 0, 1) for i, g in enumerate(geos)]
+        sizes = [(int(h), int(w)) for h, w in data["orig_size"].cpu().tolist()]
         dets = inference(model, imgs, sizes)
         for i, det in enumerate(dets):
             iid = int(data["image_ids"][i].reshape(-1)[0])

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from pipelines.outputs import Geometry
+
 SCORE_THR = 0.5  # predictions drawn: score >= this (COCOeval scores all of them)
 
 
@@ -44,7 +46,7 @@ def _square(img: np.ndarray, masks: np.ndarray):
     sq[:h, :w] = img
     m = np.zeros((len(masks), s, s), np.uint8)
     m[:, :h, :w] = masks
-    return sq, m, np.array([1.0, h, w, 0.0], np.float32)
+    return sq, m, Geometry(scale=1.0, valid_h=h, valid_w=w, flipped=False)
 
 
 def _tile(img, masks, boxes_xywh, names, tile):
