@@ -204,8 +204,22 @@ def run(pipelines, coco_root=None, device="cpu", batch=8, threads=2, iters=20, w
     return out
 
 
-def _num(v, width, prec):
-    return f"{v:{width}.{prec}f}" if v is not None else " " * (width - 3) + "n/a"
+STAGES = ("read+decode", "jitter+other", "masks", "copy-paste", "hand-off")  # breakdown_ms keys, in table order
+
+
+def row_cells(r: dict) -> dict:
+    """One result's figures as unpadded text: the console table below and benchmarks/run_matrix.py's
+    RESULTS.md lay out the same cells, so a figure is rounded the same way in both."""
+    b = r.get("breakdown_ms", {})
+    vs = r.get("ours_over_baseline")
+    cells = dict(pipeline=r["pipeline"], device=r["device"], batch=str(r["batch_size"]),
+                 images_per_s=f"{r['images_per_s']:.1f}", ms_median=f"{r['ms_median']:.0f}",
+                 ms_p90=f"{r['ms_p90']:.0f}",
+                 cores="n/a" if r["cpu_cores_busy"] is None else f"{r['cpu_cores_busy']:.2f}",
+                 host_mb=f"{r.get('peak_host_mb') or 0:.0f}", gpu_mb=f"{r.get('peak_gpu_mb') or 0:.0f}",
+                 vs_base=f"{vs:.2f}x" if vs else "")
+    cells.update({k: f"{b[k]:.0f}" if k in b else "" for k in STAGES})
+    return cells
 
 
 def format_table(out: dict) -> str:
@@ -213,14 +227,11 @@ def format_table(out: dict) -> str:
             f"{'decode':>8s}{'jitter':>8s}{'masks':>7s}{'c-p':>7s}{'hand':>7s}{'cores':>6s}{'RSS MB':>8s}{'GPU MB':>8s}{'vs base':>8s}")
     rows = [head]
     for r in out["results"]:
-        b = r.get("breakdown_ms", {})
-        f = lambda k: f"{b[k]:7.0f}" if k in b else f"{'':>7s}"  # noqa: E731
-        vs = r.get("ours_over_baseline")
-        rows.append(f"{r['pipeline']:18s}{r['device']:>4s}{r['batch_size']:6d}{r['images_per_s']:8.1f}"
-                    f"{r['ms_median']:8.0f}{r['ms_p90']:8.0f} {f('read+decode')}{f('jitter+other')}{f('masks')}"
-                    f"{f('copy-paste')}{f('hand-off')}{_num(r['cpu_cores_busy'], 6, 2)}"
-                    f"{r.get('peak_host_mb') or 0:8.0f}{(r.get('peak_gpu_mb') or 0):8.0f}"
-                    + (f"{vs:7.2f}x" if vs else ""))
+        c = row_cells(r)
+        rows.append(f"{c['pipeline']:18s}{c['device']:>4s}{c['batch']:>6s}{c['images_per_s']:>8s}"
+                    f"{c['ms_median']:>8s}{c['ms_p90']:>8s} " + "".join(f"{c[k]:>7s}" for k in STAGES)
+                    + f"{c['cores']:>6s}{c['host_mb']:>8s}{c['gpu_mb']:>8s}"
+                    + (f"{c['vs_base']:>8s}" if c["vs_base"] else ""))
     return "\n".join(rows)
 
 
