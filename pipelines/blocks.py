@@ -118,10 +118,13 @@ def _hints(out_size: int, rows: int, image: bool = False) -> list:
     return ([out_size * out_size * 3] if image else []) + [masks] + per_object
 
 
-def instance_masks(polygons, vertices, labels, out_size: int, device: str):
+def instance_masks(polygons, vertices, labels, out_size: int, device: str, stages: list | None = None):
     """Rasterise every instance at the output resolution; drop those cropped away. Returns masks
-    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes and category ids."""
+    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes and category ids.
+    The stage object is appended to ``stages`` (its timer: ``pipelines.profile``)."""
     stage = RasterizeStage(out_size, out_size)
+    if stages is not None:
+        stages.append(stage)
     if device == "gpu":
         polygons, vertices, labels = polygons.gpu(), vertices.gpu(), labels.gpu()
     return fn.python_function(polygons, vertices, labels, function=stage, num_outputs=3,
@@ -130,9 +133,12 @@ def instance_masks(polygons, vertices, labels, out_size: int, device: str):
 
 
 def copy_paste(images, masks, boxes, cat_ids, cfg: presets.CopyPaste, out_size: int, device: str, seed: int,
-               start_batch: int = 0):
-    """Returns images, masks (bit-packed, padded), boxes, category ids and the ``pasted`` flags."""
+               start_batch: int = 0, stages: list | None = None):
+    """Returns images, masks (bit-packed, padded), boxes, category ids and the ``pasted`` flags. The
+    stage object is appended to ``stages``."""
     stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch)
+    if stages is not None:
+        stages.append(stage)
     rows = MAX_INSTANCES + min(MAX_INSTANCES, cfg.max_num_pasted)  # a destination's own + pasted objects
     return fn.python_function(images, masks, boxes, cat_ids, function=stage, num_outputs=5,
                               bytes_per_sample_hint=_hints(out_size, rows, image=True),

@@ -21,14 +21,16 @@ from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, ordered  # noqa: E402,F401 
 
 @pipeline_def
 def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePreset, device: str,
-                                   shard_id: int, num_shards: int, shuffle: bool, cp_seed: int, start_batch: int = 0):
+                                   shard_id: int, num_shards: int, shuffle: bool, cp_seed: int, start_batch: int = 0,
+                                   stages: list | None = None):
     jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle)
     images = blocks.decode(jpegs, device)
     images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
-    masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device)
+    masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device, stages)
     if preset.copy_paste is not None:
         images, masks, boxes, cat_ids, pasted = blocks.copy_paste(images, masks, boxes, cat_ids, preset.copy_paste,
-                                                                  preset.jitter.out_size, device, cp_seed, start_batch)
+                                                                  preset.jitter.out_size, device, cp_seed, start_batch,
+                                                                  stages)
     else:
         pasted = blocks.no_paste_flags(cat_ids)
     masks, boxes, cat_ids, pasted, counts = blocks.padded_targets(masks, boxes, cat_ids, pasted)
@@ -59,12 +61,14 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
           num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True,
           out_size: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
           annotations: str | None = None, checkpoint: str | None = None, start_batch: int = 0,
-          stream_id: int | None = None):
+          stream_id: int | None = None, stages: list | None = None):
     """Build (not yet run) a pipeline. ``seed`` fixes every random choice, so the same seed gives the
     same batches; each stream (default: each shard; ``stream_id`` when processes share a shard) gets its
     own random choices. ``annotations`` overrides the JSON the reader uses (the dataset check passes its
     filtered copy). ``checkpoint`` (from ``CocoLoader.state()``) and ``start_batch`` (the number of
-    batches the pipeline has run before it) resume the exact data stream of an interrupted run."""
+    batches the pipeline has run before it) resume the exact data stream of an interrupted run.
+    ``stages`` (a list) receives the pipeline's custom stage objects, whose timers are this pipeline's
+    alone."""
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -74,7 +78,7 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
     stream = shard_id if stream_id is None else stream_id
     pipe = instance_segmentation_pipeline(
         files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-        cp_seed=seed * 1000 + stream, start_batch=start_batch, batch_size=batch_size, num_threads=num_threads,
+        cp_seed=seed * 1000 + stream, start_batch=start_batch, stages=stages, batch_size=batch_size, num_threads=num_threads,
         device_id=device_id if device == "gpu" else None, seed=seed * 1000 + stream + 1,
         prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()

@@ -61,10 +61,12 @@ class CocoLoader:
             log.warning("%d processes share %d images: shard %d of %d reads the same images as another "
                         "process (its own augmentation)", num_shards, n_images, shard_id, num_shards)
             shard_id, num_shards = shard_id % n_images, n_images
+        self.stages: list = []  # the custom stages of this loader's pipeline (their timers)
         self.pipe = coco.build(pipeline, split, batch_size=batch_size, device=device, num_threads=num_threads,
                                shard_id=shard_id, num_shards=num_shards, seed=seed, shuffle=shuffle,
                                out_size=out_size, device_id=device_id, annotations=annotations,
-                               checkpoint=checkpoint, start_batch=start_batch, stream_id=stream)
+                               checkpoint=checkpoint, start_batch=start_batch, stream_id=stream,
+                               stages=self.stages)
         if infinite:
             self.it = DALIGenericIterator([self.pipe], list(OUTPUTS), size=-1, auto_reset=False)
         else:

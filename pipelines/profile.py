@@ -109,8 +109,9 @@ def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_siz
     if device == "gpu":
         import torch
         sync = torch.cuda.synchronize
-    # raw pipeline runs (no PyTorch), with the stage timers
-    pipe = coco.build(preset, split, batch, device, threads, annotations=annotations)
+    # raw pipeline runs (no PyTorch), with the stage timers of this pipeline's stages
+    custom = []
+    pipe = coco.build(preset, split, batch, device, threads, annotations=annotations, stages=custom)
 
     def run():
         out = pipe.run()
@@ -118,10 +119,10 @@ def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_siz
         return out
     for _ in range(warmup):
         run()
-    stages.STAGE_SECONDS.clear()
+    before = [s.seconds for s in custom]
     lat, wall, cpu = _timed_loop(run, 0, iters, on_batch=gpu.sample)
     raw = _summary(lat, wall, cpu, batch, threads)
-    stage_ms = {k: 1e3 * v / iters for k, v in stages.STAGE_SECONDS.items()}
+    stage_ms = {s.name: 1e3 * (s.seconds - t0) / iters for s, t0 in zip(custom, before)}
     del pipe
     # through DALI's PyTorch iterator, as the trainer consumes it
     loader = CocoLoader(preset, split, batch_size=batch, device=device, num_threads=threads, infinite=True,

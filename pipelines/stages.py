@@ -1,13 +1,13 @@
 """Callables that DALI's ``fn.python_function`` runs on whole batches (NumPy on the CPU, CuPy on the
-GPU). They hold the only state of the custom stages: output size, recipe parameters and the
-copy-paste random generator (seeded, so the same seed gives the same batches)."""
+GPU). They hold the only state of the custom stages: output size, recipe parameters, the copy-paste
+random generator (seeded, so the same seed gives the same batches) and each stage's own timer
+(``seconds``, ``calls``: two pipelines in one process never mix their timings)."""
 from __future__ import annotations
 
 import functools
 import logging
 import time
 import traceback
-from collections import defaultdict
 
 import numpy as np
 
@@ -17,11 +17,6 @@ from dali_scp.presets import CopyPaste
 from dali_scp.raster import rasterize_batch, rasterize_packed_batch
 
 log = logging.getLogger(__name__)
-
-# Seconds spent inside each stage since the last reset (read by pipelines.profile). On the GPU this is
-# the Python + launch time; the profiler synchronises separately to get device time.
-STAGE_SECONDS: dict = defaultdict(float)
-
 
 
 class StageFailed(RuntimeError):
@@ -43,26 +38,28 @@ def raise_if_failed() -> None:
         raise err from exc
 
 
-def guarded(name, empty):
+def guarded(empty):
     """No exception may leave a stage into DALI: raised inside a GPU ``python_function``, DALI 2.4 ended
     the whole process with a segmentation fault (seen on an H100, in ``share_outputs``), and on the CPU
     the message arrives wrapped in DALI's own text. So the stage keeps the exception, hands DALI
-    well-formed empty outputs for that batch (``empty(stage, *inputs)``), and the iterator raises it.
-    Also times the stage (``STAGE_SECONDS``, read by pipelines.profile)."""
+    well-formed empty outputs for that batch (``empty(stage, *inputs)``), and the iterator raises it,
+    naming the stage (its ``name``) and the batch.
+    Also times the stage: ``stage.seconds`` and ``stage.calls`` (read by pipelines.profile). On the GPU
+    that is the Python + launch time; the profiler synchronises separately to get device time."""
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(self, *args):
             t = time.perf_counter()
-            calls = self.__dict__.setdefault("_calls", 0)
-            self._calls = calls + 1
+            calls = self.calls
+            self.calls = calls + 1
             try:
                 return fn(self, *args)
             except Exception as e:  # noqa: BLE001 - handed to raise_if_failed, never swallowed
-                log.debug("%s stage failed", name, exc_info=True)
-                _FAILURES.append((name, calls, e, traceback.format_exc()))
+                log.debug("%s stage failed", self.name, exc_info=True)
+                _FAILURES.append((self.name, calls, e, traceback.format_exc()))
                 return empty(self, *args)
             finally:
-                STAGE_SECONDS[name] += time.perf_counter() - t
+                self.seconds += time.perf_counter() - t
         return wrapper
     return deco
 
@@ -87,10 +84,12 @@ class RasterizeStage:
     syncs per batch). On the CPU the dense masks are written into a reused zero buffer (re-zeroed box by
     box), because faulting in fresh pages for objects x 1024^2 bytes costs more than rasterising, then
     packed window by window; both forms are tested equal bit for bit."""
+    name = "masks"
 
     def __init__(self, height: int, width: int):
         self.height, self.width = height, width
         self._arena = None
+        self.seconds, self.calls = 0.0, 0
 
     def _buffer(self, b: int, kmax: int):
         a = self._arena
@@ -112,7 +111,7 @@ class RasterizeStage:
                 win[...] = 0
         return list(packed)
 
-    @guarded("masks", _empty_masks)
+    @guarded(_empty_masks)
     def __call__(self, polygons, vertices, labels):
         xp = xpm.get_xp(*vertices)
         if xp is not np:
@@ -132,10 +131,12 @@ class CopyPasteStage:
     The random stream of batch k is ``default_rng([seed, k])``, not one long stream: a resumed run
     (DALI restores its own readers and random operators from a checkpoint) only has to tell the stage
     which batch comes next (``start_batch``) to continue exactly where it stopped."""
+    name = "copy_paste"
     _warned_single = False
 
     def __init__(self, cfg: CopyPaste, seed: int = 0, start_batch: int = 0):
         self.cfg = cfg
+        self.seconds, self.calls = 0.0, 0
         self.seed = seed
         self.batch = start_batch
         self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
@@ -149,7 +150,7 @@ class CopyPasteStage:
             self._arena = np.zeros((b, max(n, 64), h, wb), np.uint8)
         return self._arena
 
-    @guarded("copy_paste", _empty_copy_paste)
+    @guarded(_empty_copy_paste)
     def __call__(self, images, masks, boxes, cat_ids):
         if len(images) < 2 and not CopyPasteStage._warned_single:
             log.warning("copy-paste needs at least 2 samples per batch; a batch of 1 passes through unchanged")

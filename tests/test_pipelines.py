@@ -173,3 +173,16 @@ def test_outputs_are_named_once_and_geometry_reads_the_vector():
         ordered(OUTPUTS, images=0)
     g = Geometry.from_row(np.array([1.25, 300.0, 256.0, 1.0], np.float32))
     assert g == (1.25, 300, 256, True) and g.valid_h == 300 and g.flipped
+
+
+def test_each_pipeline_times_its_own_stages(syn_train):
+    """Two pipelines in one process: the one that ran has the time, the other none (no shared dict)."""
+    from pipelines import coco
+    ran, idle = [], []
+    a = coco.build("ssj_scp", syn_train, batch_size=2, out_size=128, stages=ran)
+    coco.build("ssj_scp", syn_train, batch_size=2, out_size=128, stages=idle)
+    a.run()
+    a.run()
+    assert [s.name for s in ran] == [s.name for s in idle] == ["masks", "copy_paste"]
+    assert all(s.calls >= 2 and s.seconds > 0 for s in ran)
+    assert all(s.calls == 0 and s.seconds == 0 for s in idle)
