@@ -33,6 +33,7 @@ from dali_scp import dataset as ds
 from dali_scp import orientation
 from dali_scp.rle import rle_runs
 from trainer import distributed as dist_utils
+from trainer.model import inference
 
 log = logging.getLogger("evaluate")
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
@@ -209,17 +210,6 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
             o = (orient[iid], sizes[i][1], sizes[i][0]) if iid in orient else None
             results += detections_to_results(iid, det, l2c, orient=o)
     return results, scored
-
-
-def inference(model, images: list, original_sizes: list) -> list:
-    """torchvision's Mask R-CNN forward, except that postprocessing maps boxes and pastes masks into the
-    *original* image size (the pipeline's resize is undone here, not by a second resize)."""
-    m = model.module if hasattr(model, "module") else model
-    image_list, _ = m.transform(images)
-    features = m.backbone(image_list.tensors)
-    proposals, _ = m.rpn(image_list, features)
-    detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
-    return m.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
 
 def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: int, d: dist_utils.Dist,

@@ -62,6 +62,18 @@ def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None =
     return model
 
 
+def inference(model, images: list, original_sizes: list) -> list:
+    """Detections for a list of [3, h, w] images (the valid region of each padded pipeline image):
+    torchvision's Mask R-CNN forward, except that postprocessing maps boxes and pastes masks into the
+    *original* image size (the pipeline's resize is undone here, not by a second resize)."""
+    m = model.module if hasattr(model, "module") else model
+    image_list, _ = m.transform(images)
+    features = m.backbone(image_list.tensors)
+    proposals, _ = m.rpn(image_list, features)
+    detections, _ = m.roi_heads(features, proposals, image_list.image_sizes)
+    return m.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
 def fpn_backbone(trunk, trainable_layers: int, out_channels: int, norm) -> BackboneWithFPN:
     """torchvision's ``_resnet_fpn_extractor`` with the FPN width as a parameter (256 in every recipe
     but ``demo``)."""
