@@ -268,6 +268,8 @@ def load_model_from_checkpoint(path: str, num_classes: int | None = None):
     rd = dict(state["recipe"])
     rd["eval_resize"] = EvalResize(**rd["eval_resize"])
     rd["steps"] = tuple(rd["steps"])
+    if "anchor_sizes" in rd:
+        rd["anchor_sizes"] = tuple(rd["anchor_sizes"])
     recipe = Recipe(**rd)
     n = state.get("num_classes", num_classes)
     model = build_model(recipe, n)
