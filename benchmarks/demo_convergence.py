@@ -36,9 +36,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/convergence", help="one run folder per schedule below this")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe fields to change first, values as JSON (e.g. lr=0.04 anchor_sizes=[16,32,64,128,256])")
     a = p.parse_args(argv)
     from trainer import run as run_mod
     base = presets.recipe(a.preset)
+    changes = {}
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        if not hasattr(base, k):
+            p.error(f"--set {kv}: the recipe has no field {k!r}")
+        v = json.loads(v)
+        changes[k] = tuple(v) if isinstance(v, list) else v
+    if "image_size" in changes and "eval_resize" not in changes:
+        s = changes["image_size"]
+        changes["eval_resize"] = presets.EvalResize(max_long=s, max_short=s, pad_divisor=base.eval_resize.pad_divisor)
+    base = replace(base, **changes)
     rows = []
     for n in a.iters:
         r = stretched(base, n)
@@ -50,7 +63,7 @@ def main(argv=None) -> int:
         t = time.time()
         s = run_mod.train(run_mod.parse_args(argv))
         m = s["metrics"]
-        row = dict(preset=a.preset, iters=n, steps=list(r.steps), wall_s=round(time.time() - t, 1),
+        row = dict(preset=a.preset, changes={k: str(v) for k, v in changes.items()}, iters=n, steps=list(r.steps), wall_s=round(time.time() - t, 1),
                    box_ap=round(100 * m["bbox"]["AP"], 1), mask_ap=round(100 * m["segm"]["AP"], 1),
                    box_ap50=round(100 * m["bbox"]["AP50"], 1), mask_ap50=round(100 * m["segm"]["AP50"], 1))
         rows.append(row)

@@ -91,6 +91,7 @@ class Recipe:
     head_channels: int = 256
     rpn_post_nms_train: int = 2000
     rois_per_image: int = 512
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level (P2-P6), 3 aspect ratios each
     eval_resize: EvalResize = field(default_factory=EvalResize)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -105,7 +106,9 @@ class Recipe:
         back as lists, ``eval_resize`` as a dict)."""
         d = dict(d)
         d["eval_resize"] = EvalResize(**d["eval_resize"])
-        d["steps"] = tuple(d["steps"])
+        for k in ("steps", "anchor_sizes"):  # anchor_sizes: absent from checkpoints before it existed
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
 
@@ -118,12 +121,17 @@ for _pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):
         _name = f"r50_{_pipe}_{_tag}"
         RECIPES[_name] = Recipe(name=_name, pipeline=_pipe, **_sched)
 
-# The embedded default: minutes on a 2-core CPU, same code path as the real recipes.
+# The embedded default, trained from scratch on a 2-core CPU in about 12 minutes, long enough to learn:
+# `benchmarks/demo_convergence.py` (GPU, same code path) gives mask AP 0 after 200 iterations, 6 after
+# 400, 18 after 600 for the first demo recipe. This one is ~2x cheaper per iteration (half-width
+# ResNet-18, 32-channel heads, 64 RoIs per image) and learns faster per iteration (anchors of 16-256 px
+# for 256^2 images instead of COCO's 32-512).
 RECIPES["demo"] = Recipe(
-    name="demo", pipeline="ssj_scp", max_iters=200, lr=0.02, total_batch=4, image_size=256,
-    warmup_iters=20, warmup_factor=0.1, steps=(160,), norm="BN", backbone="resnet18", trainable_layers=5,
-    fpn_channels=64, head_channels=64, rpn_post_nms_train=300, rois_per_image=128,
-    eval_resize=EvalResize(max_long=256, max_short=256, pad_divisor=32), checkpoint_every=50,
+    name="demo", pipeline="ssj_scp", max_iters=600, lr=0.02, total_batch=4, image_size=256,
+    warmup_iters=20, warmup_factor=0.1, steps=(480,), norm="BN", backbone="resnet18_half", trainable_layers=5,
+    fpn_channels=64, head_channels=32, rpn_post_nms_train=300, rois_per_image=64,
+    anchor_sizes=(16, 32, 64, 128, 256),
+    eval_resize=EvalResize(max_long=256, max_short=256, pad_divisor=32), checkpoint_every=100,
     keep_checkpoints=2, log_every=20, weight_decay=1e-4,
 )
 

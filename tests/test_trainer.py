@@ -183,11 +183,22 @@ def test_cli_help():
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss(syn_root, tmp_path):
-    _train(tmp_path, syn_root, "--max-iters", "200")
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    first, last = lines[0]["loss"], lines[-1]["loss"]
-    assert last < 0.7 * first, (first, last)
+def test_the_readme_demo_learns(tmp_path):
+    """The README's first command as a new user runs it (fresh cache, embedded synthetic data, the
+    `demo` recipe, ~12 min on 2 cores): the loss falls, the model detects and segments the shape
+    categories (the measured run: see README), and the run ends naming its picture."""
+    env = dict(os.environ, DALI_SCP_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "trainer.run", "--pipeline", "ssj_scp", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert losses[-1] < 0.5 * losses[0], losses
+    m = json.loads((out / "eval_val2017" / "metrics.json").read_text())
+    assert m["segm"]["AP"] >= 0.15 and m["bbox"]["AP"] >= 0.15, m
+    picture = out / "predictions_val2017.png"
+    assert picture.is_file() and str(picture) in p.stdout.strip().splitlines()[-1] + p.stderr
 
 
 def test_recipe_round_trips_through_its_dict():
