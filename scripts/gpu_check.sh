@@ -3,7 +3,7 @@
 #   scripts/gpu_check.sh [RESULTS_DIR]        (default: $OUT, else ./gpu_results)
 # On the lent GPU machine, after `bash .gpu/K/install.sh && export PYTHONPATH=/tmp/site:$PWD` (see
 # shared/tools/gpu-wheels). Exits non-zero when any step fails; a GPU test that cannot run (no CuPy, no
-# device, no DALI for CUDA) fails instead of skipping. ~6 minutes on one H100. Writes 8 files:
+# device, no DALI for CUDA) fails instead of skipping. ~5 minutes on one H100 (measured 2026-11-25). Writes 8 files:
 #   gpu_check.log (everything, nvidia-smi first)   gpu_tests.log
 #   budget_8x30.json  budget_32x90.json             (kernels, host syncs, stand-in and pool peaks, ms)
 #   profile_gpu_b8.json  profile_gpu_b32.json       (ssj and ssj_scp, images/s; b32 also vs the DataLoader)
