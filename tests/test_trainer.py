@@ -248,3 +248,14 @@ def test_the_loop_calls_its_hooks_around_a_plain_step():
         t.train(1, 3)
     assert seen == [("before", 1), ("forward", 1, pytest.approx(1.2)), ("after", 1, False)]
     assert float(w.detach()) == pytest.approx(0.6)  # the failed step changed nothing
+
+
+def test_the_model_uses_the_recipes_anchors_and_backbone():
+    """The demo's anchors (16-256 px, for 256² images) and half-width ResNet-18 reach the model; the
+    seed recipes keep torchvision's / mmdetection's 32-512 px anchors."""
+    from trainer.model import build_model
+    demo = build_model(recipe("demo"), 9)
+    assert demo.rpn.anchor_generator.sizes == tuple((s,) for s in recipe("demo").anchor_sizes) == (
+        (16,), (32,), (64,), (128,), (256,))
+    assert demo.backbone.body.layer4[-1].conv2.out_channels == 256 and demo.backbone.body.conv1.out_channels == 32
+    assert recipe("r50_ssj_scp_90k").anchor_sizes == (32, 64, 128, 256, 512)
