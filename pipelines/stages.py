@@ -64,9 +64,9 @@ def guarded(empty):
     return deco
 
 
-def _empty_masks(self, polygons, vertices, labels):
+def _empty_masks(self, polygons, vertices, cat_ids):
     xp = xpm.get_xp(*vertices) if len(vertices) else np
-    b = len(labels)
+    b = len(cat_ids)
     return ([xp.zeros((0, self.height, self.width // 8), xp.uint8) for _ in range(b)],
             [xp.zeros((0, 4), xp.float32) for _ in range(b)], [xp.zeros((0,), xp.int32) for _ in range(b)])
 
@@ -112,15 +112,15 @@ class RasterizeStage:
         return list(packed)
 
     @guarded(_empty_masks)
-    def __call__(self, polygons, vertices, labels):
+    def __call__(self, polygons, vertices, cat_ids):
         xp = xpm.get_xp(*vertices)
         if xp is not np:
-            return rasterize_packed_batch(polygons, vertices, labels, self.height, self.width, xp)
-        counts = [int(lab.shape[0]) for lab in labels]
+            return rasterize_packed_batch(polygons, vertices, cat_ids, self.height, self.width, xp)
+        counts = [int(c.shape[0]) for c in cat_ids]
         out = self._buffer(len(counts), max(counts, default=0))
         masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, np, out=out)
-        cat_ids = [np.ascontiguousarray(lab.reshape(-1)[k]).astype(np.int32) for lab, k in zip(labels, kept)]
-        return self._pack_windows(masks, boxes), boxes, cat_ids
+        kept_ids = [np.ascontiguousarray(c.reshape(-1)[k]).astype(np.int32) for c, k in zip(cat_ids, kept)]
+        return self._pack_windows(masks, boxes), boxes, kept_ids
 
 
 class CopyPasteStage:
