@@ -102,8 +102,7 @@ def test_gpu_pipeline_matches_cpu_pipeline(name, syn_train):
     preset = pipeline_preset(name, out_size=512)
     out = {}
     for dev in ("cpu", "gpu"):
-        images, targets = next(iter(CocoLoader(preset, syn_train, batch_size=4, device=dev, seed=3,
-                                               device_id=0 if dev == "gpu" else None)))
+        images, targets = next(iter(CocoLoader(preset, syn_train, batch_size=4, device=dev, seed=3)))
         if dev == "gpu":
             assert images.is_cuda and targets[0]["masks"].is_cuda
         out[dev] = (images.cpu().float(), [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()}

@@ -179,6 +179,7 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     ``annotations`` (the checked copy) says which images to read, their stored sizes and which were
     annotated in their EXIF-oriented frame; predictions for those are mapped back into it. Ranks beyond
     the number of images score nothing (DALI needs an image per shard)."""
+    from pipelines.devices import pipeline_device
     from pipelines.iterator import EvalLoader
     d = d or dist_utils.Dist()
     images = json.loads(Path(annotations or split.annotations).read_text())["images"]
@@ -186,8 +187,7 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     shards = min(d.world_size, len(images))
     if d.rank >= shards:
         return [], []
-    pipe_dev = "gpu" if device == "cuda" else "cpu"
-    loader = EvalLoader(split, resize, batch_size, pipe_dev, shard_id=d.rank, num_shards=shards,
+    loader = EvalLoader(split, resize, batch_size, pipeline_device(device), shard_id=d.rank, num_shards=shards,
                         device_id=d.local_rank, annotations=annotations)
     l2c = split.label_to_cat()
     model.eval()
