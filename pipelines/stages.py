@@ -78,6 +78,16 @@ def _empty_copy_paste(self, images, masks, boxes, cat_ids):
             [xp.zeros((0,), xp.uint8) for _ in images])
 
 
+def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
+    """``arena`` while it holds [b, >= rows, *plane], else a new all-zero uint8 array with room for at
+    least ``spare_rows`` objects. Why the stages keep one: faulting in fresh pages for objects x 1024^2
+    bytes costs more than the stage's own writes. The caller keeps it all-zero between batches by
+    re-zeroing only the windows it wrote, which is what it alone knows."""
+    if arena is None or arena.shape[0] != b or arena.shape[1] < rows or arena.shape[2:] != plane:
+        return np.zeros((b, max(rows, spare_rows), *plane), np.uint8)
+    return arena
+
+
 class RasterizeStage:
     """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. On the GPU they are
     rasterised straight into packed bits (``rasterize_packed_batch``: a fixed set of kernels, two host
@@ -92,9 +102,7 @@ class RasterizeStage:
         self.seconds, self.calls = 0.0, 0
 
     def _buffer(self, b: int, kmax: int):
-        a = self._arena
-        if a is None or a.shape[0] != b or a.shape[1] < kmax:
-            self._arena = np.zeros((b, max(kmax, 32), self.height, self.width), np.uint8)
+        self._arena = _reused_zeros(self._arena, b, kmax, (self.height, self.width), 32)
         return self._arena
 
     @staticmethod
@@ -142,12 +150,10 @@ class CopyPasteStage:
         self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
 
     def _buffer(self, b: int, n: int, h: int, wb: int):
-        a = self._arena
         for i, j, win in self._written:  # re-zero what the last batch wrote
-            a[i, j][win] = 0
+            self._arena[i, j][win] = 0
         self._written = []
-        if a is None or a.shape[0] != b or a.shape[1] < n or a.shape[2:] != (h, wb):
-            self._arena = np.zeros((b, max(n, 64), h, wb), np.uint8)
+        self._arena = _reused_zeros(self._arena, b, n, (h, wb), 64)
         return self._arena
 
     @guarded(_empty_copy_paste)
