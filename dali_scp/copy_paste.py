@@ -13,6 +13,7 @@ users can call it outside DALI and the GPU result can be compared with the CPU o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -147,16 +148,19 @@ def copy_paste(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, x
     xp = xp or xpm.get_xp(*images)
     if xp is not np:
         w = int(images[0].shape[1])
-        out = copy_paste_packed_batched(images, [xpm.packbits(xp, m) for m in masks], boxes, labels, choices, cfg, xp)
-        rows = [xpm.unpackbits(xp, m[: lab.shape[0]])[..., :w] for m, lab in zip(out[1], out[3])]
-        return out[0], rows, out[2], out[3], out[4]
+        out_img, packed, out_b, out_l, out_p = copy_paste_packed_batched(
+            images, [xpm.packbits(xp, m) for m in masks], boxes, labels, choices, cfg, xp)
+        rows = [xpm.unpackbits(xp, m[: lab.shape[0]])[..., :w] for m, lab in zip(packed, out_l)]
+        return out_img, rows, out_b, out_l, out_p
     counts = [int(lab.shape[0]) for lab in labels]
     m = stack_padded(masks, xp)
     sel = xp.asarray(choices_to_selection(choices, m.shape[1]))
-    out = copy_paste_batched(xp.stack(images), m, xp.asarray(counts), stack_padded(boxes, xp),
-                             stack_padded([xp.asarray(lab) for lab in labels], xp), xp.asarray(choices.src), sel, cfg, xp)
-    n_out = xpm.to_numpy(out[5])
-    return (list(out[0]),) + tuple([x[b, : n_out[b]] for b in range(len(images))] for x in out[1:5])
+    out_img, out_m, out_b, out_l, out_p, n_out = copy_paste_batched(
+        xp.stack(images), m, xp.asarray(counts), stack_padded(boxes, xp),
+        stack_padded([xp.asarray(lab) for lab in labels], xp), xp.asarray(choices.src), sel, cfg, xp)
+    n_out = xpm.to_numpy(n_out)
+    per_sample = lambda x: [x[b, : n_out[b]] for b in range(len(images))]  # noqa: E731
+    return list(out_img), per_sample(out_m), per_sample(out_b), per_sample(out_l), per_sample(out_p)
 
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
@@ -166,6 +170,19 @@ def _popcount(a) -> int:
     if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
         return int(np.bitwise_count(a).sum(dtype=np.int64))
     return int(POPCOUNT[a].sum(dtype=np.int64))
+
+
+class _Row(NamedTuple):
+    """One output object of ``copy_paste_packed``. Every sample is planned before any mask is written,
+    because the output's row count is the batch's largest plan. Its packed window ``win`` is copied from
+    ``mask`` (an object that arrives whole: untouched or pasted) or is ``bits`` (what the paste left of a
+    destination object); exactly one of the two is set."""
+    mask: np.ndarray | None
+    win: tuple
+    bits: np.ndarray | None
+    box: np.ndarray
+    label: np.integer
+    pasted: int
 
 
 def _window8(box, h, w):
@@ -207,8 +224,8 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
         picks = choices.picks[b]
         if s < 0 or len(picks) == 0:
             out_img.append(img)
-            plans.append([(masks[b][j], _window8(boxes[b][j], h, w), None, boxes[b][j], labels[b][j], 0)
-                          for j in range(n)])
+            plans.append([_Row(mask=masks[b][j], win=_window8(boxes[b][j], h, w), bits=None, box=boxes[b][j],
+                               label=labels[b][j], pasted=0) for j in range(n)])
             continue
         alpha = np.zeros((h, w // 8), np.uint8)
         ys0 = bs0 = 1 << 30
@@ -240,10 +257,11 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
                 continue
             moved_little = bool(np.all(np.abs(box - boxes[b][j]) <= cfg.bbox_occluded_thr))
             if moved_little or _popcount(sub) > cfg.mask_occluded_thr:
-                plan.append((None, win, sub, box, labels[b][j], 0))
+                plan.append(_Row(mask=None, win=win, bits=sub, box=box, label=labels[b][j], pasted=0))
         for j in picks:
             win = _window8(boxes[s][j], h, w)
-            plan.append((masks[s][j], win, None, _tight_packed(masks[s][j][win], win), labels[s][j], 1))
+            plan.append(_Row(mask=masks[s][j], win=win, bits=None, box=_tight_packed(masks[s][j][win], win),
+                             label=labels[s][j], pasted=1))
         plans.append(plan)
     nmax = max((len(p) for p in plans), default=0)
     if out is not None and out.shape[0] == len(plans) and out.shape[1] >= nmax and out.shape[2:] == (h, w // 8):
@@ -253,13 +271,13 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
         written = None
     out_b, out_l, out_p = [], [], []
     for b, plan in enumerate(plans):
-        for i, (full, win, sub, _, _, _) in enumerate(plan):
-            packed[b, i][win] = sub if sub is not None else full[win]
+        for i, row in enumerate(plan):
+            packed[b, i][row.win] = row.bits if row.bits is not None else row.mask[row.win]
             if written is not None:
-                written.append((b, i, win))
-        out_b.append(np.array([p[3] for p in plan], np.float32).reshape(-1, 4))
-        out_l.append(np.array([p[4] for p in plan], dtype=labels[0].dtype if len(labels) else np.int32))
-        out_p.append(np.array([p[5] for p in plan], np.uint8))
+                written.append((b, i, row.win))
+        out_b.append(np.array([r.box for r in plan], np.float32).reshape(-1, 4))
+        out_l.append(np.array([r.label for r in plan], dtype=labels[0].dtype if len(labels) else np.int32))
+        out_p.append(np.array([r.pasted for r in plan], np.uint8))
     return out_img, list(packed), out_b, out_l, out_p
 
 

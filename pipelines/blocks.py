@@ -33,12 +33,12 @@ def coco_reader(files: CocoFiles, shard_id=0, num_shards=1, shuffle=True, seed=-
     """Crowd annotations are excluded (``include_iscrowd=False``): like mmdetection/torchvision they
     are not training targets. Class ids stay the dataset's own (``avoid_class_remapping``); the
     iterator maps them to contiguous labels."""
-    jpegs, _boxes, labels, polygons, vertices, image_ids = fn.readers.coco(
+    jpegs, _boxes, cat_ids, polygons, vertices, image_ids = fn.readers.coco(
         file_root=files.images, annotations_file=files.annotations, polygon_masks=True, image_ids=True,
         include_iscrowd=False, avoid_class_remapping=True, ltrb=True, size_threshold=0.0,
         shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, seed=seed,
         pad_last_batch=not shuffle, stick_to_shard=False, name=READER_NAME)
-    return jpegs, labels, polygons, vertices, image_ids
+    return jpegs, cat_ids, polygons, vertices, image_ids
 
 
 def decode(jpegs, device: str):
@@ -118,16 +118,16 @@ def _hints(out_size: int, rows: int, image: bool = False) -> list:
     return ([out_size * out_size * 3] if image else []) + [masks] + per_object
 
 
-def instance_masks(polygons, vertices, labels, out_size: int, device: str, stages: list | None = None):
+def instance_masks(polygons, vertices, cat_ids, out_size: int, device: str, stages: list | None = None):
     """Rasterise every instance at the output resolution; drop those cropped away. Returns masks
-    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes and category ids.
-    The stage object is appended to ``stages`` (its timer: ``pipelines.profile``)."""
+    (bit-packed [Kmax, S, S/8], padded to the batch's largest count), tight boxes and the kept objects'
+    ``cat_ids``. The stage object is appended to ``stages`` (its timer: ``pipelines.profile``)."""
     stage = RasterizeStage(out_size, out_size)
     if stages is not None:
         stages.append(stage)
     if device == "gpu":
-        polygons, vertices, labels = polygons.gpu(), vertices.gpu(), labels.gpu()
-    return fn.python_function(polygons, vertices, labels, function=stage, num_outputs=3,
+        polygons, vertices, cat_ids = polygons.gpu(), vertices.gpu(), cat_ids.gpu()
+    return fn.python_function(polygons, vertices, cat_ids, function=stage, num_outputs=3,
                               bytes_per_sample_hint=_hints(out_size, MAX_INSTANCES),
                               batch_processing=True, device=device)
 
@@ -150,10 +150,10 @@ def no_paste_flags(cat_ids):
     return fn.cast(cat_ids * 0, dtype=types.UINT8)
 
 
-def padded_targets(masks, boxes, labels, pasted):
+def padded_targets(masks, boxes, cat_ids, pasted):
     """The PyTorch iterator wants one dense tensor per output: pad along the instance axis and report
     how many rows of each sample are real. Masks arrive padded already (the stages write them into
     one padded batch array: padding 1024^2 masks here would be one more full copy)."""
-    counts = fn.cast(labels.shape(), dtype=types.INT32)
+    counts = fn.cast(cat_ids.shape(), dtype=types.INT32)
     return (masks, fn.pad(boxes, axes=(0,), fill_value=0.0),
-            fn.pad(labels, axes=(0,), fill_value=-1), fn.pad(pasted, axes=(0,), fill_value=0), counts)
+            fn.pad(cat_ids, axes=(0,), fill_value=-1), fn.pad(pasted, axes=(0,), fill_value=0), counts)

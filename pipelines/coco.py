@@ -16,6 +16,7 @@ require_dali()
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from pipelines import blocks  # noqa: E402
+from pipelines.devices import dali_device_id  # noqa: E402
 from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, ordered  # noqa: E402,F401 - the iterators name outputs with these
 
 
@@ -52,7 +53,7 @@ def build_eval(split: CocoSplit, resize: EvalResize, batch_size: int = 4, device
     files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
     pipe = evaluation_pipeline(files=files, resize=resize, device=device, shard_id=shard_id, num_shards=num_shards,
                                batch_size=batch_size, num_threads=num_threads,
-                               device_id=(device_id or 0) if device == "gpu" else None)
+                               device_id=dali_device_id(device, device_id))
     pipe.build()
     return pipe
 
@@ -72,14 +73,12 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
-    if device == "gpu" and device_id is None:
-        device_id = 0
     files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
     stream = shard_id if stream_id is None else stream_id
     pipe = instance_segmentation_pipeline(
         files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
         cp_seed=seed * 1000 + stream, start_batch=start_batch, stages=stages, batch_size=batch_size, num_threads=num_threads,
-        device_id=device_id if device == "gpu" else None, seed=seed * 1000 + stream + 1,
+        device_id=dali_device_id(device, device_id), seed=seed * 1000 + stream + 1,
         prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()
     return pipe

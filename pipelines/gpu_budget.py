@@ -33,13 +33,13 @@ class HostBatch:
     """One batch as DALI hands it to the mask stage, on the host."""
     polygons: list  # [P_i, 3] int32: instance, first vertex, end vertex
     vertices: list  # [V_i, 2] float32, output pixels
-    labels: list    # [n_i] int32 category ids
+    cat_ids: list   # [n_i] int32 dataset category ids
     images: list    # [S, S, 3] uint8
 
 
 def coco_like_batch(batch_size: int, instances: int, size: int = 1024, seed: int = 0) -> HostBatch:
     rng = np.random.default_rng(seed)
-    polys, verts, labels, images = [], [], [], []
+    polys, verts, cat_ids, images = [], [], [], []
     for b in range(batch_size):
         n = instances if b == 0 else int(rng.integers((instances + 1) // 2, instances + 1))
         p, v, off = [], [], 0
@@ -53,27 +53,27 @@ def coco_like_batch(batch_size: int, instances: int, size: int = 1024, seed: int
                 off += len(q)
         polys.append(np.array(p, np.int32).reshape(-1, 3))
         verts.append(np.concatenate(v).astype(np.float32) if v else np.zeros((0, 2), np.float32))
-        labels.append(rng.integers(1, 91, n).astype(np.int32))
+        cat_ids.append(rng.integers(1, 91, n).astype(np.int32))
         images.append(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-    return HostBatch(polys, verts, labels, images)
+    return HostBatch(polys, verts, cat_ids, images)
 
 
 def _device(batch: HostBatch, xp):
     up = lambda xs: [xp.asarray(x) for x in xs]  # noqa: E731
-    return up(batch.polygons), up(batch.vertices), up(batch.labels), up(batch.images)
+    return up(batch.polygons), up(batch.vertices), up(batch.cat_ids), up(batch.images)
 
 
 def measure_standin(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, seed: int = 0) -> dict:
     """Run both GPU stages through the stand-in; counts per stage, inputs from 'DALI' excluded."""
     xp = StandIn()
-    polygons, vertices, labels, images = _device(batch, xp)
+    polygons, vertices, cat_ids, images = _device(batch, xp)
     out = {}
     xp.meter.reset()
-    masks, boxes, cat_ids = RasterizeStage(size, size)(polygons, vertices, labels)
+    masks, boxes, kept_ids = RasterizeStage(size, size)(polygons, vertices, cat_ids)
     raise_if_failed()
     out["masks"] = xp.meter.summary()
     xp.meter.reset()  # the mask stage's outputs are the next stage's inputs (DALI's buffers)
-    result = CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)(images, masks, boxes, cat_ids)
+    result = CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)(images, masks, boxes, kept_ids)
     raise_if_failed()
     out["copy_paste"] = xp.meter.summary()
     del result
@@ -84,7 +84,7 @@ def measure_gpu(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, se
     """The same on CuPy: the memory pool's peak (pool emptied first) and milliseconds per stage."""
     import cupy as cp
     pool = cp.get_default_memory_pool()
-    polygons, vertices, labels, images = _device(batch, cp)
+    polygons, vertices, cat_ids, images = _device(batch, cp)
     ras, cps = RasterizeStage(size, size), CopyPasteStage(cp_cfg or CopyPaste(), seed=seed)
     res = {}
 
@@ -106,8 +106,8 @@ def measure_gpu(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, se
         cp.cuda.Device().synchronize()
         return r, {"pool_peak_bytes": int(peak), "ms": (time.perf_counter() - t) / repeats * 1e3}
 
-    (masks, boxes, cat_ids), res["masks"] = timed(lambda: ras(polygons, vertices, labels))
-    _, res["copy_paste"] = timed(lambda: cps(images, masks, boxes, cat_ids))
+    (masks, boxes, kept_ids), res["masks"] = timed(lambda: ras(polygons, vertices, cat_ids))
+    _, res["copy_paste"] = timed(lambda: cps(images, masks, boxes, kept_ids))
     return res
 
 

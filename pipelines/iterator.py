@@ -1,5 +1,6 @@
 """DALI -> PyTorch hand-off: ``DALIGenericIterator`` batches become ``(images, targets)`` in the format
-torchvision's detection models take.
+torchvision's detection models take (``CocoLoader``, training), or named evaluation batches
+(``EvalLoader``).
 
 Why a thin adapter: the pipeline pads ragged outputs (DALI's PyTorch iterator wants one dense tensor per
 output) and keeps dataset category ids; here the padding is cut away again (views, no copies) and ids
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,8 +20,9 @@ import torch
 from dali_scp.check import checked_annotations
 from dali_scp.dataset import CocoSplit
 from dali_scp.deps import require_dali
+from dali_scp.presets import EvalResize
 from pipelines import coco, stages
-from pipelines.outputs import OUTPUTS, Geometry
+from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, Geometry
 
 require_dali()
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy  # noqa: E402
@@ -101,6 +104,41 @@ class CocoLoader:
         for data in self.it:
             stages.raise_if_failed()
             yield to_targets(data[0], self._lut)
+
+
+class EvalBatch(NamedTuple):
+    """One evaluation batch. ``images`` [n, H, W, 3] uint8 on the pipeline's device, padded to the
+    batch's largest image: ``geometry[i]`` says which top-left part is image ``i``; ``orig_sizes[i]`` is
+    its stored (h, w), the size predictions are pasted back at."""
+    images: torch.Tensor
+    image_ids: list[int]
+    geometry: list[Geometry]
+    orig_sizes: list[tuple[int, int]]
+
+
+class EvalLoader:
+    """Iterable of ``EvalBatch``: every image of the shard exactly once, in order, the last batch
+    partial, no augmentation (``pipelines.coco.evaluation_pipeline``). The training loader's epochs,
+    shuffling and resume state have no place here, so it is a class of its own."""
+
+    def __init__(self, split: CocoSplit, resize: EvalResize, batch_size: int = 4, device: str = "cpu",
+                 shard_id: int = 0, num_shards: int = 1, device_id: int | None = None,
+                 annotations: str | None = None):
+        self.pipe = coco.build_eval(split, resize, batch_size, device, shard_id=shard_id, num_shards=num_shards,
+                                    device_id=device_id, annotations=annotations)
+        self.it = DALIGenericIterator([self.pipe], list(EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
+                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+
+    def __len__(self):
+        return len(self.it)
+
+    def __iter__(self):
+        for data in self.it:
+            d = data[0]
+            yield EvalBatch(images=d["images"],
+                            image_ids=[int(i.reshape(-1)[0]) for i in d["image_ids"]],
+                            geometry=[Geometry.from_row(g) for g in d["geometry"].cpu()],
+                            orig_sizes=[(int(h), int(w)) for h, w in d["orig_size"].cpu().tolist()])
 
 
 def count_images(annotations) -> int:

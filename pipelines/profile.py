@@ -26,6 +26,7 @@ import numpy as np
 
 from dali_scp import dataset as ds
 from dali_scp.presets import PIPELINES, pipeline_preset
+from pipelines.devices import dali_device_id
 
 log = logging.getLogger("profile")
 
@@ -94,7 +95,7 @@ def profile_decode(split, device, batch, threads, warmup, iters, annotations):
         jpegs, _, _, _, _ = blocks.coco_reader(blocks.CocoFiles(str(split.images_dir), annotations), shuffle=True)
         return blocks.decode(jpegs, device)
 
-    pipe = decode_only(batch_size=batch, num_threads=threads, device_id=0 if device == "gpu" else None, seed=1)
+    pipe = decode_only(batch_size=batch, num_threads=threads, device_id=dali_device_id(device), seed=1)
     pipe.build()
     lat, wall, cpu = _timed_loop(pipe.run, warmup, iters)
     return _summary(lat, wall, cpu, batch, threads)

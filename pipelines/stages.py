@@ -64,9 +64,9 @@ def guarded(empty):
     return deco
 
 
-def _empty_masks(self, polygons, vertices, labels):
+def _empty_masks(self, polygons, vertices, cat_ids):
     xp = xpm.get_xp(*vertices) if len(vertices) else np
-    b = len(labels)
+    b = len(cat_ids)
     return ([xp.zeros((0, self.height, self.width // 8), xp.uint8) for _ in range(b)],
             [xp.zeros((0, 4), xp.float32) for _ in range(b)], [xp.zeros((0,), xp.int32) for _ in range(b)])
 
@@ -76,6 +76,16 @@ def _empty_copy_paste(self, images, masks, boxes, cat_ids):
     return (list(images), [xp.zeros((0, *m.shape[1:]), xp.uint8) for m in masks],
             [xp.zeros((0, 4), xp.float32) for _ in images], [xp.zeros((0,), c.dtype) for c in cat_ids],
             [xp.zeros((0,), xp.uint8) for _ in images])
+
+
+def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
+    """``arena`` while it holds [b, >= rows, *plane], else a new all-zero uint8 array with room for at
+    least ``spare_rows`` objects. Why the stages keep one: faulting in fresh pages for objects x 1024^2
+    bytes costs more than the stage's own writes. The caller keeps it all-zero between batches by
+    re-zeroing only the windows it wrote, which is what it alone knows."""
+    if arena is None or arena.shape[0] != b or arena.shape[1] < rows or arena.shape[2:] != plane:
+        return np.zeros((b, max(rows, spare_rows), *plane), np.uint8)
+    return arena
 
 
 class RasterizeStage:
@@ -92,9 +102,7 @@ class RasterizeStage:
         self.seconds, self.calls = 0.0, 0
 
     def _buffer(self, b: int, kmax: int):
-        a = self._arena
-        if a is None or a.shape[0] != b or a.shape[1] < kmax:
-            self._arena = np.zeros((b, max(kmax, 32), self.height, self.width), np.uint8)
+        self._arena = _reused_zeros(self._arena, b, kmax, (self.height, self.width), 32)
         return self._arena
 
     @staticmethod
@@ -112,15 +120,15 @@ class RasterizeStage:
         return list(packed)
 
     @guarded(_empty_masks)
-    def __call__(self, polygons, vertices, labels):
+    def __call__(self, polygons, vertices, cat_ids):
         xp = xpm.get_xp(*vertices)
         if xp is not np:
-            return rasterize_packed_batch(polygons, vertices, labels, self.height, self.width, xp)
-        counts = [int(lab.shape[0]) for lab in labels]
+            return rasterize_packed_batch(polygons, vertices, cat_ids, self.height, self.width, xp)
+        counts = [int(c.shape[0]) for c in cat_ids]
         out = self._buffer(len(counts), max(counts, default=0))
         masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, np, out=out)
-        cat_ids = [np.ascontiguousarray(lab.reshape(-1)[k]).astype(np.int32) for lab, k in zip(labels, kept)]
-        return self._pack_windows(masks, boxes), boxes, cat_ids
+        kept_ids = [np.ascontiguousarray(c.reshape(-1)[k]).astype(np.int32) for c, k in zip(cat_ids, kept)]
+        return self._pack_windows(masks, boxes), boxes, kept_ids
 
 
 class CopyPasteStage:
@@ -142,12 +150,10 @@ class CopyPasteStage:
         self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
 
     def _buffer(self, b: int, n: int, h: int, wb: int):
-        a = self._arena
         for i, j, win in self._written:  # re-zero what the last batch wrote
-            a[i, j][win] = 0
+            self._arena[i, j][win] = 0
         self._written = []
-        if a is None or a.shape[0] != b or a.shape[1] < n or a.shape[2:] != (h, wb):
-            self._arena = np.zeros((b, max(n, 64), h, wb), np.uint8)
+        self._arena = _reused_zeros(self._arena, b, n, (h, wb), 64)
         return self._arena
 
     @guarded(_empty_copy_paste)

@@ -87,8 +87,7 @@ def make_grid(pipeline: str, coco_root=None, device: str = "cpu", n: int = 8, se
     if n > rep.kept_images:  # draw what there is: one batch of every image, none twice
         log.info("%s has %d usable images; drawing %d, not %d", sp.annotations, rep.kept_images, rep.kept_images, n)
         n = rep.kept_images
-    loader = CocoLoader(pipeline, sp, batch_size=n, device=device, seed=seed, annotations=str(ann),
-                        device_id=0 if device == "gpu" else None)
+    loader = CocoLoader(pipeline, sp, batch_size=n, device=device, seed=seed, annotations=str(ann))
     images, targets = next(iter(loader))
     cols = min(cols, n)
     rows = (n + cols - 1) // cols

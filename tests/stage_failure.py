@@ -24,7 +24,7 @@ if stage == "masks":
 else:
     st.copy_paste_packed = st.copy_paste_packed_batched = planted
 loader = CocoLoader("ssj_scp", resolve(root, "train2017"), batch_size=4, device=device, infinite=True,
-                    out_size=256, device_id=0 if device == "gpu" else None)
+                    out_size=256)
 try:
     next(iter(loader))
 except st.StageFailed as e:

@@ -273,8 +273,8 @@ def test_stages_take_the_same_decisions_on_the_gpu_branch():
     b = coco_like_batch(4, 10, 128, seed=1)
     xp = StandIn()
     dev = lambda xs: [xp.asarray(x) for x in xs]  # noqa: E731
-    cpu_m = RasterizeStage(128, 128)(b.polygons, b.vertices, b.labels)
-    gpu_m = RasterizeStage(128, 128)(dev(b.polygons), dev(b.vertices), dev(b.labels))
+    cpu_m = RasterizeStage(128, 128)(b.polygons, b.vertices, b.cat_ids)
+    gpu_m = RasterizeStage(128, 128)(dev(b.polygons), dev(b.vertices), dev(b.cat_ids))
     for x, y in zip(cpu_m, gpu_m):
         for u, v in zip(x, y):
             np.testing.assert_array_equal(u, v.get())
@@ -294,9 +294,9 @@ def test_dataloader_baseline_follows_the_same_contract():
     from pipelines.gpu_budget import coco_like_batch
     from dali_scp.raster import rasterize_batch
     b = coco_like_batch(4, 8, 96, seed=2)
-    masks, boxes, kept = rasterize_batch(b.polygons, b.vertices, [len(x) for x in b.labels], 96, 96)
+    masks, boxes, kept = rasterize_batch(b.polygons, b.vertices, [len(x) for x in b.cat_ids], 96, 96)
     masks = [m[: len(k)] for m, k in zip(masks, kept)]
-    labels = [lab[k].astype(np.int64) for lab, k in zip(b.labels, kept)]
+    labels = [lab[k].astype(np.int64) for lab, k in zip(b.cat_ids, kept)]
     batch = [(torch.from_numpy(img).permute(2, 0, 1), dict(boxes=torch.from_numpy(bx), labels=torch.from_numpy(lab),
                                                           masks=torch.from_numpy(m), image_id=i))
              for i, (img, bx, lab, m) in enumerate(zip(b.images, boxes, labels, masks))]

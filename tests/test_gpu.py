@@ -49,20 +49,20 @@ def test_masked_or_kernel_equals_its_numpy_reference():
 def test_packed_rasteriser_on_gpu_equals_cpu_bit_for_bit(seed):
     import cupy as cp
     b = coco_like_batch(6, 20, 320, seed)
-    cm, cb, ck = rasterize_batch(b.polygons, b.vertices, [len(lab) for lab in b.labels], 320, 320)
+    cm, cb, ck = rasterize_batch(b.polygons, b.vertices, [len(lab) for lab in b.cat_ids], 320, 320)
     gm, gb, gl = (_host(x) for x in rasterize_packed_batch(_dev(cp, b.polygons), _dev(cp, b.vertices),
-                                                           _dev(cp, b.labels), 320, 320, cp))
+                                                           _dev(cp, b.cat_ids), 320, 320, cp))
     for i in range(6):
         np.testing.assert_array_equal(np.unpackbits(gm[i], axis=-1), cm[i])
         np.testing.assert_array_equal(gb[i], cb[i])
-        np.testing.assert_array_equal(gl[i], b.labels[i][ck[i]])
+        np.testing.assert_array_equal(gl[i], b.cat_ids[i][ck[i]])
 
 
 @pytest.mark.parametrize("blend", [0.0, 2.0])
 def test_packed_copy_paste_on_gpu_equals_cpu_bit_for_bit(blend):
     import cupy as cp
     b = coco_like_batch(6, 20, 256, 7)
-    masks, boxes, labels = rasterize_packed_batch(b.polygons, b.vertices, b.labels, 256, 256, np)
+    masks, boxes, labels = rasterize_packed_batch(b.polygons, b.vertices, b.cat_ids, 256, 256, np)
     cfg = CopyPaste(blend_sigma=blend)
     ch = draw_choices(np.random.default_rng(1), [len(x) for x in labels], cfg)
     cpu = copy_paste_packed_batched(b.images, masks, boxes, labels, ch, cfg, np)
@@ -102,8 +102,7 @@ def test_gpu_pipeline_matches_cpu_pipeline(name, syn_train):
     preset = pipeline_preset(name, out_size=512)
     out = {}
     for dev in ("cpu", "gpu"):
-        images, targets = next(iter(CocoLoader(preset, syn_train, batch_size=4, device=dev, seed=3,
-                                               device_id=0 if dev == "gpu" else None)))
+        images, targets = next(iter(CocoLoader(preset, syn_train, batch_size=4, device=dev, seed=3)))
         if dev == "gpu":
             assert images.is_cuda and targets[0]["masks"].is_cuda
         out[dev] = (images.cpu().float(), [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in t.items()}

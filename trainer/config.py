@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dali_scp import dataset as ds
 from dali_scp.presets import Recipe, recipe as get_recipe
+from pipelines.devices import pipeline_device
 
 log = logging.getLogger("trainer")
 
@@ -85,8 +86,7 @@ class RunConfig:
 
     @property
     def pipeline_device(self) -> str:
-        """The pipelines' name for the device ("gpu"/"cpu"); the trainer's is torch's ("cuda"/"cpu")."""
-        return "gpu" if self.device == "cuda" else "cpu"
+        return pipeline_device(self.device)
 
     def as_json(self) -> dict:
         """What ``config.json`` (and every checkpoint) records: the recipe and the resolved values."""

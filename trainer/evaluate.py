@@ -179,35 +179,26 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     ``annotations`` (the checked copy) says which images to read, their stored sizes and which were
     annotated in their EXIF-oriented frame; predictions for those are mapped back into it. Ranks beyond
     the number of images score nothing (DALI needs an image per shard)."""
-    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-    from pipelines import coco
-    from pipelines.outputs import EVAL_OUTPUTS, Geometry
+    from pipelines.devices import pipeline_device
+    from pipelines.iterator import EvalLoader
     d = d or dist_utils.Dist()
     images = json.loads(Path(annotations or split.annotations).read_text())["images"]
     orient = {im["id"]: im["annotated_orientation"] for im in images if im.get("annotated_orientation", 1) != 1}
     shards = min(d.world_size, len(images))
     if d.rank >= shards:
         return [], []
-    pipe_dev = "gpu" if device == "cuda" else "cpu"
-    pipe = coco.build_eval(split, resize, batch_size, pipe_dev, shard_id=d.rank, num_shards=shards,
-                           device_id=d.local_rank, annotations=annotations)
-    it = DALIGenericIterator([pipe], list(EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
-                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+    loader = EvalLoader(split, resize, batch_size, pipeline_device(device), shard_id=d.rank, num_shards=shards,
+                        device_id=d.local_rank, annotations=annotations)
     l2c = split.label_to_cat()
     model.eval()
     results, scored = [], []
-    for data in tqdm(it, total=len(it), desc="evaluating", unit="batch", disable=not progress, leave=False):
-        data = data[0]
-        images = data["images"].to(device)
-        geos = [Geometry.from_row(g) for g in data["geometry"].cpu()]
-        imgs = [images[i, : g.valid_h, : g.valid_w].permute(2, 0, 1) for i, g in enumerate(geos)]
-        sizes = [(int(h), int(w)) for h, w in data["orig_size"].cpu().tolist()]
-        dets = inference(model, imgs, sizes)
-        for i, det in enumerate(dets):
-            iid = int(data["image_ids"][i].reshape(-1)[0])
+    for batch in tqdm(loader, total=len(loader), desc="evaluating", unit="batch", disable=not progress, leave=False):
+        images = batch.images.to(device)
+        imgs = [images[i, : g.valid_h, : g.valid_w].permute(2, 0, 1) for i, g in enumerate(batch.geometry)]
+        dets = inference(model, imgs, batch.orig_sizes)
+        for iid, (h, w), det in zip(batch.image_ids, batch.orig_sizes, dets):
             scored.append(iid)
-            o = (orient[iid], sizes[i][1], sizes[i][0]) if iid in orient else None
+            o = (orient[iid], w, h) if iid in orient else None
             results += detections_to_results(iid, det, l2c, orient=o)
     return results, scored
 
