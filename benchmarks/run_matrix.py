@@ -83,6 +83,9 @@ def write_markdown(all_runs, path: Path, budget: dict | None = None):
             lines.append("| " + " | ".join(c[k] for k in MARKDOWN_COLUMNS) + " |")
         lines.append("")
     lines += ["![throughput](throughput.png)", ""]
+    if (path.parent / "gpu_h100" / "RESULTS.md").is_file():  # measured on a lent GPU, kept across re-runs here
+        lines += ["GPU measurements on a lent NVIDIA H100 (2026-11-25, `scripts/gpu_check.sh`): "
+                  "[gpu_h100/RESULTS.md](gpu_h100/RESULTS.md).", ""]
     if budget:
         lines += budget_lines(budget)
     path.write_text("\n".join(lines))
