@@ -32,6 +32,9 @@ class CopyPaste:
 
 @dataclass(frozen=True)
 class PipelinePreset:
+    """An input pipeline by name (``ssj_scp`` ...): jitter + optional copy-paste. Not to be confused with
+    a training ``Recipe``, which the CLI's ``--preset`` names; a recipe names its pipeline, and its
+    ``image_size`` becomes ``jitter.out_size`` here (the trainer passes it as ``out_size``)."""
     name: str
     jitter: Jitter
     copy_paste: CopyPaste | None = None
