@@ -57,6 +57,7 @@ def guarded(empty):
             except Exception as e:  # noqa: BLE001 - handed to raise_if_failed, never swallowed
                 log.debug("%s stage failed", self.name, exc_info=True)
                 _FAILURES.append((self.name, calls, e, traceback.format_exc()))
+                self.forget_buffers()  # a write cut short leaves the reused buffer dirty
                 return empty(self, *args)
             finally:
                 self.seconds += time.perf_counter() - t
@@ -100,6 +101,9 @@ class RasterizeStage:
         self.height, self.width = height, width
         self._arena = None
         self.seconds, self.calls = 0.0, 0
+
+    def forget_buffers(self):
+        self._arena = None
 
     def _buffer(self, b: int, kmax: int):
         self._arena = _reused_zeros(self._arena, b, kmax, (self.height, self.width), 32)
@@ -148,6 +152,9 @@ class CopyPasteStage:
         self.seed = seed
         self.batch = start_batch
         self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
+
+    def forget_buffers(self):
+        self._arena, self._written = None, []
 
     def _buffer(self, b: int, n: int, h: int, wb: int):
         for i, j, win in self._written:  # re-zero what the last batch wrote

@@ -186,3 +186,26 @@ def test_each_pipeline_times_its_own_stages(syn_train):
     assert [s.name for s in ran] == [s.name for s in idle] == ["masks", "copy_paste"]
     assert all(s.calls >= 2 and s.seconds > 0 for s in ran)
     assert all(s.calls == 0 and s.seconds == 0 for s in idle)
+
+
+def test_a_stage_that_failed_mid_write_starts_the_next_batch_from_zeros(monkeypatch):
+    """The CPU mask stage reuses one zeroed buffer; a failure after writing into it must not leak
+    those pixels into the next batch's masks."""
+    import pipelines.stages as st
+    from pipelines.gpu_budget import coco_like_batch
+    b = coco_like_batch(3, 8, 64, 0)
+    fresh = st.RasterizeStage(64, 64)(b.polygons, b.vertices, b.cat_ids)
+    stage = st.RasterizeStage(64, 64)
+    real = st.rasterize_batch
+
+    def dirty_then_fail(*a, out=None, **k):
+        out[...] = 1
+        raise ValueError("planted failure")
+    monkeypatch.setattr(st, "rasterize_batch", dirty_then_fail)
+    stage(b.polygons, b.vertices, b.cat_ids)
+    with pytest.raises(st.StageFailed, match="planted failure"):
+        st.raise_if_failed()
+    monkeypatch.setattr(st, "rasterize_batch", real)
+    again = stage(b.polygons, b.vertices, b.cat_ids)
+    for x, y in zip(fresh[0], again[0]):
+        np.testing.assert_array_equal(x, y)
