@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from dali_scp import orientation, rle
 from dali_scp.files import atomic_write, cache_dir
+from dali_scp.image_index import image_index
 from dali_scp.raster import polygon_area
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,10 @@ def check(ann_file: str | os.PathLike, images_dir: str | os.PathLike, workers: i
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         defects.append(Defect("malformed-json", fname, None, None, f"not a COCO instances file: {e}"))
         return Report(defects, 0, 0, 0, 0), None
+    try:  # the start of the next run reads the categories from this, not the JSON
+        image_index(ann_file, doc=doc)
+    except (KeyError, TypeError, ValueError):
+        pass  # malformed entries: reported below, and resolve() names the file
     cat_ids = {c.get("id") for c in cats}
     bad_images: set = set()
     by_id = {}
@@ -320,6 +325,7 @@ def checked_annotations(ann_file, images_dir, workers: int = 8, progress: bool =
         raise ValueError("; ".join(str(x) for x in rep.defects))
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(filtered))
+    image_index(out, doc=filtered)  # the start of a run reads this, not the JSON (dali_scp.image_index)
     rep.filtered = str(out)
     atomic_write(rep_file, json.dumps(asdict(rep)))
     for x in rep.defects[:20]:

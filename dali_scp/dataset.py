@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dali_scp.image_index import image_index
+
 
 @dataclass
 class CocoSplit:
@@ -58,9 +60,8 @@ def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017"
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: image folder not found")
     try:
-        cats = json.loads(ann.read_text())["categories"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{ann}: not a COCO instances file ({e}); run `python -m dali_scp.check "
-                         f"--coco-root {root}` for a full report") from e
-    cats = sorted(cats, key=lambda c: c["id"])
-    return CocoSplit(root, split, img_dir, ann, [int(c["id"]) for c in cats], [c["name"] for c in cats], synthetic)
+        index = image_index(ann)  # cached per version of the file: a warm start parses no JSON here
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{ann}: not a COCO instances file ({type(e).__name__}: {e}); run `python -m "
+                         f"dali_scp.check --coco-root {root}` for a full report") from e
+    return CocoSplit(root, split, img_dir, ann, index.cat_ids.tolist(), index.cat_names.tolist(), synthetic)

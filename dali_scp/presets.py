@@ -95,6 +95,7 @@ class Recipe:
     rpn_post_nms_train: int = 2000
     rois_per_image: int = 512
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level (P2-P6), 3 aspect ratios each
+    repeat_threshold: float = 0.0  # repeat-factor sampling's t (LVIS: 0.001); 0 reads every image once an epoch
     eval_resize: EvalResize = field(default_factory=EvalResize)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3

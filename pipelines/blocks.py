@@ -29,15 +29,18 @@ class CocoFiles:
     annotations: str
 
 
-def coco_reader(files: CocoFiles, shard_id=0, num_shards=1, shuffle=True, seed=-1):
+def coco_reader(files: CocoFiles, shard_id=0, num_shards=1, shuffle=True, seed=-1, images: list | None = None):
     """Crowd annotations are excluded (``include_iscrowd=False``): like mmdetection/torchvision they
     are not training targets. Class ids stay the dataset's own (``avoid_class_remapping``); the
-    iterator maps them to contiguous labels."""
+    iterator maps them to contiguous labels. ``images`` (file names as in the JSON) is the exact
+    sequence to read, repeats included (training: ``dali_scp.order``); then this process reads all of
+    it and the reader neither shuffles nor shards."""
+    order = dict(shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, pad_last_batch=not shuffle,
+                 stick_to_shard=False) if images is None else dict(images=images, random_shuffle=False)
     jpegs, _boxes, cat_ids, polygons, vertices, image_ids = fn.readers.coco(
         file_root=files.images, annotations_file=files.annotations, polygon_masks=True, image_ids=True,
-        include_iscrowd=False, avoid_class_remapping=True, ltrb=True, size_threshold=0.0,
-        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, seed=seed,
-        pad_last_batch=not shuffle, stick_to_shard=False, name=READER_NAME)
+        include_iscrowd=False, avoid_class_remapping=True, ltrb=True, size_threshold=0.0, seed=seed,
+        name=READER_NAME, **order)
     return jpegs, cat_ids, polygons, vertices, image_ids
 
 

@@ -8,6 +8,8 @@ Outputs: ``pipelines.outputs.OUTPUTS`` (names, order and shapes; ``Geometry`` fo
 """
 from __future__ import annotations
 
+import numpy as np
+
 from dali_scp.dataset import CocoSplit
 from dali_scp.deps import require_dali
 from dali_scp.presets import EvalResize, PipelinePreset, pipeline_preset
@@ -23,8 +25,9 @@ from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, ordered  # noqa: E402,F401 
 @pipeline_def
 def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePreset, device: str,
                                    shard_id: int, num_shards: int, shuffle: bool, cp_seed: int, start_batch: int = 0,
-                                   stages: list | None = None):
-    jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle)
+                                   stages: list | None = None, images: list | None = None):
+    jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle,
+                                                                       images=images)
     images = blocks.decode(jpegs, device)
     images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
     masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device, stages)
@@ -58,16 +61,25 @@ def build_eval(split: CocoSplit, resize: EvalResize, batch_size: int = 4, device
     return pipe
 
 
+def stream_seeds(seed: int, stream: int, window: int = 0) -> tuple[int, int]:
+    """DALI's pipeline seed and the copy-paste stage's seed for one (run seed, process stream, window):
+    independent streams for every combination (NumPy's SeedSequence), not ``seed * 1000 + stream``,
+    which collides (seed 1 stream 0 == seed 0 stream 1000)."""
+    a, b = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(window)]).generate_state(2)
+    return int(a) & 0x7FFFFFFF, int(b) & 0x7FFFFFFF
+
+
 def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
           num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True,
           out_size: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
           annotations: str | None = None, checkpoint: str | None = None, start_batch: int = 0,
-          stream_id: int | None = None, stages: list | None = None):
+          stream_id: int | None = None, stages: list | None = None, images: list | None = None, window: int = 0):
     """Build (not yet run) a pipeline. ``seed`` fixes every random choice, so the same seed gives the
-    same batches; each stream (default: each shard; ``stream_id`` when processes share a shard) gets its
-    own random choices. ``annotations`` overrides the JSON the reader uses (the dataset check passes its
-    filtered copy). ``checkpoint`` (from ``CocoLoader.state()``) and ``start_batch`` (the number of
-    batches the pipeline has run before it) resume the exact data stream of an interrupted run.
+    same batches; each stream (default: each shard; ``stream_id`` when processes share a shard) and each
+    ``window`` of a training stream gets its own random choices. ``images``: the file names to read, in
+    order (``dali_scp.order``); else the reader's own order and sharding. ``annotations`` overrides the
+    JSON the reader uses (the dataset check passes its filtered copy). ``checkpoint`` (DALI's, of this
+    pipeline) and ``start_batch`` (the number of batches it has run before) resume its exact data stream.
     ``stages`` (a list) receives the pipeline's custom stage objects, whose timers are this pipeline's
     alone."""
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
@@ -75,10 +87,11 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
     files = blocks.CocoFiles(str(split.images_dir), str(annotations or split.annotations))
     stream = shard_id if stream_id is None else stream_id
+    pipe_seed, cp_seed = stream_seeds(seed, stream, window)
     pipe = instance_segmentation_pipeline(
         files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-        cp_seed=seed * 1000 + stream, start_batch=start_batch, stages=stages, batch_size=batch_size, num_threads=num_threads,
-        device_id=dali_device_id(device, device_id), seed=seed * 1000 + stream + 1,
+        cp_seed=cp_seed, start_batch=start_batch, stages=stages, images=images, batch_size=batch_size,
+        num_threads=num_threads, device_id=dali_device_id(device, device_id), seed=pipe_seed,
         prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()
     return pipe

@@ -19,6 +19,8 @@ import torch
 
 from dali_scp.check import checked_annotations
 from dali_scp.dataset import CocoSplit
+from dali_scp.image_index import image_index
+from dali_scp.order import TrainingOrder, repeat_factors
 from dali_scp.deps import require_dali
 from dali_scp.presets import EvalResize
 from pipelines import coco, stages
@@ -36,43 +38,57 @@ class CocoLoader:
     xyxy, ``labels`` [n] int64 (contiguous, 1..C), ``masks`` [n, S, S] uint8, ``image_id`` int and
     ``pasted`` [n] bool, ``geometry`` (a ``pipelines.outputs.Geometry``).
 
-    ``infinite=True`` (the trainer, the profiler) is one endless stream, as mmdetection's infinite
-    sampler: the reader wraps into the next epoch inside a batch, so a dataset smaller than a batch
-    still fills batches and no batch is ever run and then dropped. That makes the number of batches
-    the pipeline has run equal to the number the caller took, which is what ``start_batch`` must be
-    for a resume from ``state()`` to be exact. Otherwise one epoch: shuffled with the partial last
-    batch dropped, or in order with it kept (``shuffle=False``, every image exactly once)."""
+    ``shuffle=True`` reads in ``dali_scp.order``'s order: a fresh permutation of the whole dataset every
+    epoch drawn from ``seed`` and the epoch, this process's share of it (``shard_id`` of ``num_shards``),
+    repeat factors when ``repeat_threshold`` > 0. ``infinite=True`` (the trainer, the profiler) is one
+    endless stream, as mmdetection's infinite sampler: epochs follow each other inside a batch, so a
+    dataset smaller than a batch still fills batches and no batch is ever run and then dropped. The
+    stream is read in windows of ``window_batches`` batches, one reader pipeline each (its ``images``
+    list); ``state()`` is the window, the batches taken from it and DALI's checkpoint of its pipeline,
+    which is all a resume (``checkpoint=``) needs to continue bit for bit. Otherwise one epoch: shuffled
+    with the partial last batch dropped, or in file order with it kept (``shuffle=False``, every image of
+    the shard exactly once)."""
 
     def __init__(self, pipeline: str, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
                  num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  shuffle: bool = True, out_size: int | None = None, device_id: int | None = None,
                  annotations: str | None = None, infinite: bool = False, check: bool = True,
-                 checkpoint: str | None = None, start_batch: int = 0):
+                 checkpoint: dict | None = None, repeat_threshold: float = 0.0, window_batches: int | None = None):
         self.split = split
         self.check_report = None
         if annotations is None and check:
             # a broken file must not end a long run: read the checked, filtered copy (cached)
             annotations, self.check_report = checked_annotations(split.annotations, split.images_dir)
-        n_images = self.check_report.kept_images if self.check_report else None
-        if n_images is None and num_shards > 1:
-            n_images = count_images(annotations or split.annotations)
+        annotations = str(annotations or split.annotations)
+        index = image_index(annotations)
+        n_images = len(index)
         if n_images == 0:
             raise ValueError(f"{split.annotations}: no image left to read (see `python -m dali_scp.check`)")
         stream = shard_id
-        if n_images is not None and num_shards > n_images:
-            # DALI needs an image per shard: processes share shards, each with its own random stream
-            log.warning("%d processes share %d images: shard %d of %d reads the same images as another "
+        if num_shards > n_images:
+            # every process needs an image: processes share them, each with its own random stream
+            log.warning("%d processes share %d images: process %d of %d reads the same images as another "
                         "process (its own augmentation)", num_shards, n_images, shard_id, num_shards)
             shard_id, num_shards = shard_id % n_images, n_images
-        self.stages: list = []  # the custom stages of this loader's pipeline (their timers)
-        self.pipe = coco.build(pipeline, split, batch_size=batch_size, device=device, num_threads=num_threads,
-                               shard_id=shard_id, num_shards=num_shards, seed=seed, shuffle=shuffle,
-                               out_size=out_size, device_id=device_id, annotations=annotations,
-                               checkpoint=checkpoint, start_batch=start_batch, stream_id=stream,
-                               stages=self.stages)
-        if infinite:
-            self.it = DALIGenericIterator([self.pipe], list(OUTPUTS), size=-1, auto_reset=False)
+        self.stages: list = []  # the custom stages of this loader's pipelines (their timers)
+        self._build = dict(pipeline=pipeline, split=split, batch_size=batch_size, device=device,
+                           num_threads=num_threads, seed=seed, out_size=out_size, device_id=device_id,
+                           annotations=annotations, stream_id=stream, stages=self.stages)
+        self.order = None
+        if shuffle:
+            rf = repeat_factors(index.image_cat_ptr, index.image_cats, repeat_threshold) if repeat_threshold > 0 \
+                else None
+            self.order = TrainingOrder(n_images, seed, shard_id, num_shards, rf)
+            self._names = index.file_names
         else:
+            self._build.update(shard_id=shard_id, num_shards=num_shards, shuffle=False)
+        self.infinite = infinite
+        self._lut = torch.as_tensor(split.cat_to_label_table())
+        self.batch_size = batch_size
+        self.window = self.taken = 0
+        if not infinite:
+            self.window_batches = None
+            self.pipe = self._pipeline(0)
             try:
                 self.it = DALIGenericIterator(
                     [self.pipe], list(OUTPUTS), reader_name=coco.blocks.READER_NAME, auto_reset=True,
@@ -82,13 +98,35 @@ class CocoLoader:
                     raise
                 raise ValueError(f"{split.annotations}: the shard has fewer images than one batch of {batch_size}; "
                                  "iterate with infinite=True (images repeat) or a smaller batch") from None
-        self.infinite = infinite
-        self._lut = torch.as_tensor(split.cat_to_label_table())
-        self.batch_size = batch_size
+            return
+        self.window_batches = (window_batches or self.order.window_batches(batch_size)) if self.order else None
+        dali_state = None
+        if checkpoint is not None:
+            self.window, self.taken, dali_state = _parse_state(checkpoint)
+            if self.window_batches is not None and self.taken >= self.window_batches:
+                self.window, self.taken, dali_state = self.window + 1, 0, None
+        self._open(dali_state)
 
-    def state(self) -> str:
-        """DALI's checkpoint of the data stream (readers, random operators) after the last batch taken."""
-        return self.it.checkpoints()[0]
+    def _pipeline(self, window: int, dali_state=None, start_batch: int = 0):
+        kw = dict(self._build)
+        if self.order is not None:
+            b = self.batch_size
+            if self.infinite:
+                idx = self.order.stream(window * self.window_batches * b, self.window_batches * b)
+            else:
+                idx = self.order.epoch(0)
+            kw["images"] = self._names[idx].tolist()
+        return coco.build(**kw, window=window, checkpoint=dali_state, start_batch=start_batch)
+
+    def _open(self, dali_state=None) -> None:
+        self.pipe = self._pipeline(self.window, dali_state, self.taken)
+        self.it = DALIGenericIterator([self.pipe], list(OUTPUTS), size=-1, auto_reset=False)
+
+    def state(self) -> dict:
+        """Where the data stream stands after the last batch taken: the window, the batches taken from it
+        and DALI's checkpoint of its pipeline (readers, random operators); plain data, as a checkpoint
+        loaded with ``weights_only=True`` accepts it."""
+        return dict(window=self.window, taken=self.taken, dali=self.it.checkpoints()[0])
 
     def __len__(self):
         if self.infinite:
@@ -96,14 +134,29 @@ class CocoLoader:
         return len(self.it)
 
     def __iter__(self):
-        if self.infinite:
-            while True:
-                data = next(self.it)
+        if not self.infinite:
+            for data in self.it:
                 stages.raise_if_failed()
                 yield to_targets(data[0], self._lut)
-        for data in self.it:
+            return
+        while True:
+            data = next(self.it)
             stages.raise_if_failed()
+            self.taken += 1
             yield to_targets(data[0], self._lut)
+            if self.window_batches is not None and self.taken == self.window_batches:
+                self.window, self.taken = self.window + 1, 0
+                del self.it, self.pipe
+                self._open()
+
+
+def _parse_state(state: dict) -> tuple[int, int, str | bytes]:
+    try:
+        return int(state["window"]), int(state["taken"]), state["dali"]
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ValueError("the data-stream state in this checkpoint was written by an older dali-scp (before "
+                         "per-epoch shuffling) and cannot be resumed exactly; start a new run, or use "
+                         "--init-from to keep its weights") from None
 
 
 class EvalBatch(NamedTuple):
@@ -139,10 +192,6 @@ class EvalLoader:
                             image_ids=[int(i.reshape(-1)[0]) for i in d["image_ids"]],
                             geometry=[Geometry.from_row(g) for g in d["geometry"].cpu()],
                             orig_sizes=[(int(h), int(w)) for h, w in d["orig_size"].cpu().tolist()])
-
-
-def count_images(annotations) -> int:
-    return len(json.loads(Path(annotations).read_text())["images"])
 
 
 def unpack_masks(packed: torch.Tensor) -> torch.Tensor:

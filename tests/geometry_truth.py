@@ -23,6 +23,20 @@ def erode(m: np.ndarray, k: int = 1) -> np.ndarray:
     return m
 
 
+def dilate(m: np.ndarray, k: int = 1) -> np.ndarray:
+    return ~erode(~m, k)
+
+
+def off_edge_disagreement(mask: np.ndarray, truth: np.ndarray) -> float:
+    """The share of the object's pixels where mask and colour disagree more than one pixel away from the
+    mask's edge. Resampling blends the edge pixels of a thin object into its colour (a 25-px bar loses
+    6% IoU that way), but a mask moved by 2 px or more disagrees off its edge."""
+    m = mask.astype(bool)
+    near_edge = dilate(m, 1) & ~erode(m, 1)
+    far = (m ^ truth) & ~near_edge
+    return float(far.sum()) / max(float(truth.sum()), 1.0)
+
+
 def dominant_colour(image: np.ndarray, mask: np.ndarray):
     core = erode(mask.astype(bool), 1)
     if core.sum() < 4:

@@ -112,7 +112,7 @@ def test_each_shard_resumes_exactly_across_epoch_boundaries(small_root, n_images
         straight.append(next(it))
         if k == 3:
             state = loader.state()
-    resumed = CocoLoader("ssj_scp", split, checkpoint=state, start_batch=4, **kw)
+    resumed = CocoLoader("ssj_scp", split, checkpoint=state, **kw)
     it = iter(resumed)
     for k in range(4, 8):
         images, targets = next(it)

@@ -58,6 +58,7 @@ class RunConfig:
     backbone_weights: str | None = None
     evaluate: bool = True
     record_image_ids: bool = False
+    repeat_threshold: float = 0.0  # the recipe's unless --repeat-threshold
 
     @classmethod
     def from_args(cls, a, world_size: int, device: str) -> RunConfig:
@@ -74,7 +75,8 @@ class RunConfig:
                    lr=r.lr * total / r.total_batch, max_iters=a.max_iters or r.max_iters, amp=a.amp, seed=a.seed,
                    sync_bn=r.norm == "SyncBN" and world_size > 1 and device == "cuda", resume=a.resume,
                    threads=a.threads or default_threads(), backbone_weights=a.backbone_weights,
-                   evaluate=not a.no_eval, record_image_ids=a.record_image_ids)
+                   evaluate=not a.no_eval, record_image_ids=a.record_image_ids,
+                   repeat_threshold=r.repeat_threshold if a.repeat_threshold is None else a.repeat_threshold)
 
     @property
     def total_batch(self) -> int:
@@ -95,4 +97,5 @@ class RunConfig:
             pipeline=r.pipeline, device=self.device, world_size=self.world_size,
             batch_per_process=self.batch_per_process, total_batch=self.total_batch, lr=self.lr,
             max_iters=self.max_iters, amp=self.amp, seed=self.seed, dataset=str(split.root),
-            synthetic=split.synthetic, num_classes=split.num_classes, sync_bn=self.sync_bn))
+            synthetic=split.synthetic, num_classes=split.num_classes, sync_bn=self.sync_bn,
+            repeat_threshold=self.repeat_threshold))

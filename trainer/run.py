@@ -50,7 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--backbone-weights", default=None, help="local ImageNet checkpoint for the backbone")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the model's initialisation, the training order (a fresh permutation of the "
+                        "dataset every epoch) and every augmentation")
+    p.add_argument("--repeat-threshold", type=float, default=None,
+                   help="repeat-factor sampling threshold t (LVIS recipes: 0.001; 0 = off; default: the recipe's)")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads per process (default: cores / procs)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--checkpoint-every", type=int, default=None, help="override the recipe's checkpoint interval")
@@ -163,7 +167,7 @@ def train(a) -> dict:
     loader = CocoLoader(r.pipeline, cfg.split, batch_size=cfg.batch_per_process, device=cfg.pipeline_device,
                         num_threads=cfg.threads, shard_id=d.rank, num_shards=d.world_size, seed=cfg.seed,
                         out_size=r.image_size, device_id=d.local_rank, infinite=True, checkpoint=data_state,
-                        start_batch=start)
+                        repeat_threshold=cfg.repeat_threshold)
 
     def losses_of(images, targets):
         imgs, tg = to_model_inputs(images, targets)
