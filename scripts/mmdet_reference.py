@@ -169,6 +169,43 @@ def init_stats() -> dict:
             if v.dtype.is_floating_point and "running" not in k and v.numel() > 1}
 
 
+def component_cases() -> dict:
+    """Training-side parts on crafted inputs that the forward pass above does not reach: the box coder on
+    deltas beyond its clip, MaxIoUAssigner (RPN and box-head settings) with a tiny object and ties, and the
+    mask targets (``BitmapMasks.crop_and_resize``, binarised)."""
+    from mmdet.models.task_modules import DeltaXYWHBBoxCoder, MaxIoUAssigner
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    xy = torch.rand(64, 2, generator=g) * 150
+    rois = torch.cat([xy, xy + 4 + torch.rand(64, 2, generator=g) * 60], 1)
+    gts = torch.tensor([[10., 10., 60., 50.], [12., 12., 58., 52.], [100., 40., 103., 44.], [30., 80., 130., 150.]])
+    near = gts.repeat(4, 1) + torch.randn(16, 4, generator=g) * torch.tensor([0., 2., 5., 12.]).repeat_interleave(4)[:, None]
+    rois[48:] = torch.cat([near[:, :2], torch.maximum(near[:, 2:], near[:, :2] + 1)], 1)
+    rois[47] = rois[48]  # a tie: two predictions with the same IoU
+    deltas = torch.randn(64, 4 * 3, generator=g) * 3  # 3 classes, some dw, dh beyond +-4.135 after x 0.2
+    deltas[:8, 2::4] = torch.randn(8, 3, generator=g) * 40
+    out["coder_rois"], out["coder_deltas"] = rois, deltas
+    out["coder_rpn"] = DeltaXYWHBBoxCoder(target_stds=[1.0] * 4).decode(rois, deltas[:, :4] * 3, max_shape=(160, 224))
+    out["coder_rcnn"] = DeltaXYWHBBoxCoder(target_stds=[0.1, 0.1, 0.2, 0.2]).decode(
+        rois.repeat_interleave(3, 0), deltas.reshape(-1, 4), max_shape=(160, 224)).reshape(64, 12)
+    out["assign_gts"] = gts
+    for name, thr in (("rpn", (0.7, 0.3, 0.3)), ("rcnn", (0.5, 0.5, 0.5))):
+        a = MaxIoUAssigner(pos_iou_thr=thr[0], neg_iou_thr=thr[1], min_pos_iou=thr[2], match_low_quality=True)
+        res = a.assign(InstanceData(priors=rois), InstanceData(bboxes=gts, labels=torch.zeros(4, dtype=torch.long)))
+        out[f"assign_{name}"] = res.gt_inds - 1  # -1: negative, -2: ignored, else the gt index
+    masks = np.zeros((4, 160, 224), np.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(gts.long().tolist()):
+        masks[i, y0:y1, x0:(x0 + x1) // 2 + 1] = 1
+        masks[i, y0:(y0 + y1) // 2, x0:x1] = 1
+    inds = torch.arange(64) % 4
+    out["mask_gt"], out["mask_inds"] = masks, inds
+    out["mask_targets"] = BitmapMasks(masks, 160, 224).crop_and_resize(rois, (28, 28), inds, device="cpu",
+                                                                        binarize=True).to_tensor(torch.float32, "cpu")
+    return {f"case_{k}": (v.numpy() if torch.is_tensor(v) else v) for k, v in out.items()}
+
+
 def main() -> int:
     cfg, model = build_mmdet_model()
     import mmdet
@@ -233,6 +270,7 @@ def main() -> int:
                                                                      torch=torch.__version__),
                 stand_ins="mmcv kernels nms and roi_align_forward: torchvision.ops.nms / roi_align")
     info["init_stats"] = init_stats()
+    out.update(component_cases())
     out["info"] = np.array(json.dumps(info))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT, **out)

@@ -249,8 +249,8 @@ def paste_masks(masks, boxes, img_h: int, img_w: int):
 def mmdet_init(model) -> None:
     """mmdetection's initialisation of this architecture (the recipes train from scratch, so it matters):
     the residual branch's last BN starts at 0 (ResNet ``zero_init_residual``), FPN convs Xavier-uniform,
-    the box head's fc Xavier-uniform, its classifier N(0, 0.01) and regressor N(0, 0.001), biases 0. The
-    rest (Kaiming fan-out convs, BN 1/0, RPN N(0, 0.01), mask head) is the same in torchvision."""
+    the box head's fc Xavier-uniform, its classifier N(0, 0.01) and regressor N(0, 0.001), biases 0 (the
+    mask predictor's too). The rest (Kaiming fan-out convs, BN 1/0, RPN N(0, 0.01), mask head) is the same in torchvision."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     for m in model.backbone.body.modules():
         if isinstance(m, Bottleneck):
@@ -266,6 +266,9 @@ def mmdet_init(model) -> None:
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
+    mp = model.roi_heads.mask_predictor  # torchvision leaves these biases at PyTorch's default
+    nn.init.zeros_(mp.conv5_mask.bias)
+    nn.init.zeros_(mp.mask_fcn_logits.bias)
     pred = model.roi_heads.box_predictor
     nn.init.normal_(pred.cls_score.weight, std=0.01)
     nn.init.normal_(pred.bbox_pred.weight, std=0.001)
