@@ -270,3 +270,88 @@ def test_demo_recipe_keeps_torchvisions_choices_and_seed_recipes_use_mmdetection
     for name in ("r50_ssj_90k", "r50_ssj_scp_90k", "r50_ssj_270k", "r50_ssj_scp_270k"):
         r = recipe(name)
         assert all(getattr(r, f) == "mmdet" for f in MODEL_FIELDS) and r.rpn_post_nms_train == 1000
+
+
+def _png_export(src_root: Path, dst: Path, n: int = 3) -> Path:
+    """A COCO export as annotation tools write them: PNG (RGBA) images, annotation ids from 0, categories
+    listed in another order than their ids."""
+    from PIL import Image
+    doc = json.loads((src_root / "annotations" / "instances_val2017.json").read_text())
+    doc["images"] = doc["images"][:n]
+    keep = {im["id"] for im in doc["images"]}
+    (dst / "val2017").mkdir(parents=True)
+    (dst / "annotations").mkdir()
+    for im in doc["images"]:
+        png = Path(im["file_name"]).with_suffix(".png").name
+        Image.open(src_root / "val2017" / im["file_name"]).convert("RGBA").save(dst / "val2017" / png)
+        im["file_name"] = png
+    doc["annotations"] = [dict(a, id=k) for k, a in enumerate(a for a in doc["annotations"] if a["image_id"] in keep)]
+    doc["categories"] = doc["categories"][::-1]
+    (dst / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    return dst
+
+
+def test_evaluate_runs_on_an_imported_checkpoint(imported, syn_root, tmp_path, caplog):
+    """End to end through trainer.evaluate (DALI resize to 1333x800, paste, COCOeval) on the synthetic
+    dataset's layout and on a PNG export with id-0 annotations; every image scored, 100 detections each."""
+    from trainer import evaluate as ev
+    for root, n in ((syn_root, 8), (_png_export(syn_root, tmp_path / "export"), 3)):
+        out = tmp_path / f"eval_{n}"
+        assert ev.main(["--checkpoint", str(imported[0]), "--coco-root", str(root), "--out", str(out),
+                        "--device", "cpu", "--batch-size", "2"]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert set(metrics) == {"bbox", "segm"} and all(0 <= v <= 1 for v in metrics["segm"].values())
+        results = json.loads((out / "results.json").read_text())
+        assert len({r["image_id"] for r in results}) == n and len(results) == 100 * n
+        assert all("segmentation" in r for r in results)
+
+
+def test_evaluate_refuses_another_class_count(imported, small_root, tmp_path, capsys):
+    from trainer import evaluate as ev
+    root = small_root(1)
+    doc = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    doc["categories"] = doc["categories"][:5]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").symlink_to(root / "val2017", target_is_directory=True)
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    assert ev.main(["--checkpoint", str(imported[0]), "--coco-root", str(tmp_path), "--device", "cpu"]) == 2
+    assert "the model has 8 classes" in capsys.readouterr().err
+
+
+def test_init_from_loads_weights_only_and_refits_class_heads(imported, tmp_path):
+    from trainer import checkpoint as ckpt
+    from trainer.model import build_model
+    from trainer.run import init_from
+    state = torch.load(imported[0], map_location="cpu", weights_only=True)
+    r = replace(recipe("r50_ssj_scp_90k"), fpn_channels=32, head_channels=32)
+    same = build_model(r, 9)
+    init_from(same, str(imported[0]), r)
+    assert all(torch.equal(v, state["model"][k]) for k, v in same.state_dict().items())
+    other = build_model(r, 4)  # fine-tuning on 3 classes: all but the class-specific predictors
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    init_from(other, str(imported[0]), r)
+    for k, v in other.state_dict().items():
+        fresh = k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."))
+        assert torch.equal(v, before[k] if fresh else state["model"][k]), k
+    with pytest.raises(ckpt.CheckpointError, match="does not fit recipe r50_ssj_scp_90k"):
+        init_from(build_model(recipe("r50_ssj_scp_90k"), 9), str(imported[0]), recipe("r50_ssj_scp_90k"))
+
+
+def test_run_cli_starts_from_init_weights_with_a_fresh_schedule(syn_root, tmp_path):
+    """``trainer.run --init-from``: iteration 0, fresh optimiser; the first step starts from those weights."""
+    from trainer import checkpoint as ckpt
+    from trainer import run as run_mod
+    common = ["--preset", "demo", "--coco-root", str(syn_root), "--no-eval", "--threads", "2", "--batch-size", "2"]
+    run_mod.train(run_mod.parse_args(common + ["--out", str(tmp_path / "a"), "--max-iters", "2"]))
+    first = ckpt.latest(tmp_path / "a")
+    summary = run_mod.train(run_mod.parse_args(common + ["--out", str(tmp_path / "b"), "--max-iters", "1",
+                                                         "--init-from", str(first)]))
+    assert summary["iteration"] == 1
+    b = ckpt.load(ckpt.latest(tmp_path / "b"))
+    assert b["iteration"] == 1 and len(b["optimizer"]["state"]) > 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["resolved"]["init_from"] == str(first)
+    w0, w1 = ckpt.load(first)["model"], b["model"]
+    k = "backbone.body.conv1.weight"
+    assert not torch.equal(w0[k], w1[k]) and (w0[k] - w1[k]).abs().max() < 0.05  # one small step away
+    with pytest.raises(SystemExit):
+        run_mod.parse_args(common + ["--init-from", str(first), "--backbone-weights", str(first)])
