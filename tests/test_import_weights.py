@@ -291,12 +291,13 @@ def _png_export(src_root: Path, dst: Path, n: int = 3) -> Path:
     return dst
 
 
-def test_evaluate_runs_on_an_imported_checkpoint(imported, syn_root, tmp_path, caplog):
+def test_evaluate_runs_on_an_imported_checkpoint(imported, small_root, tmp_path):
     """End to end through trainer.evaluate (DALI resize to 1333x800, paste, COCOeval) on the synthetic
     dataset's layout and on a PNG export with id-0 annotations; every image scored, 100 detections each."""
     from trainer import evaluate as ev
-    for root, n in ((syn_root, 8), (_png_export(syn_root, tmp_path / "export"), 3)):
-        out = tmp_path / f"eval_{n}"
+    syn = small_root(2)
+    for root, n in ((syn, 2), (_png_export(syn, tmp_path / "export", 2), 2)):
+        out = tmp_path / f"eval_{root.name}"
         assert ev.main(["--checkpoint", str(imported[0]), "--coco-root", str(root), "--out", str(out),
                         "--device", "cpu", "--batch-size", "2"]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
