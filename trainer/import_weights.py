@@ -33,23 +33,20 @@ from dali_scp.presets import MODEL_FIELDS, Recipe, recipe as get_recipe
 log = logging.getLogger("import_weights")
 SEED_ARCH = "mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all (ResNet-50, FPN with BN, 2-conv RPN, 4conv1fc box head and 4-conv mask head with BN)"
 
-# mmdetection key -> this project's (torchvision's) key; ConvModule's .conv/.bn become Conv2dNormActivation's .0/.1
+# mmdetection key -> this project's (torchvision's) key, after ConvModule's ".conv." / ".bn." became
+# Conv2dNormActivation's ".0." / ".1." (``rename_mmdet``)
 MMDET_RULES = [
     (r"backbone\.(.*)", r"backbone.body.\1"),
-    (r"neck\.lateral_convs\.(\d+)\.conv\.(.*)", r"backbone.fpn.inner_blocks.\1.0.\2"),
-    (r"neck\.lateral_convs\.(\d+)\.bn\.(.*)", r"backbone.fpn.inner_blocks.\1.1.\2"),
-    (r"neck\.fpn_convs\.(\d+)\.conv\.(.*)", r"backbone.fpn.layer_blocks.\1.0.\2"),
-    (r"neck\.fpn_convs\.(\d+)\.bn\.(.*)", r"backbone.fpn.layer_blocks.\1.1.\2"),
-    (r"rpn_head\.rpn_conv\.(\d+)\.conv\.(.*)", r"rpn.head.conv.\1.0.\2"),
+    (r"neck\.lateral_convs\.(.*)", r"backbone.fpn.inner_blocks.\1"),
+    (r"neck\.fpn_convs\.(.*)", r"backbone.fpn.layer_blocks.\1"),
+    (r"rpn_head\.rpn_conv\.(.*)", r"rpn.head.conv.\1"),
     (r"rpn_head\.rpn_cls\.(.*)", r"rpn.head.cls_logits.\1"),
     (r"rpn_head\.rpn_reg\.(.*)", r"rpn.head.bbox_pred.\1"),
-    (r"roi_head\.bbox_head\.shared_convs\.(\d+)\.conv\.(.*)", r"roi_heads.box_head.\1.0.\2"),
-    (r"roi_head\.bbox_head\.shared_convs\.(\d+)\.bn\.(.*)", r"roi_heads.box_head.\1.1.\2"),
+    (r"roi_head\.bbox_head\.shared_convs\.(.*)", r"roi_heads.box_head.\1"),
     (r"roi_head\.bbox_head\.shared_fcs\.0\.(.*)", r"roi_heads.box_head.5.\1"),  # after 4 convs and Flatten
     (r"roi_head\.bbox_head\.fc_cls\.(.*)", r"roi_heads.box_predictor.cls_score.\1"),
     (r"roi_head\.bbox_head\.fc_reg\.(.*)", r"roi_heads.box_predictor.bbox_pred.\1"),
-    (r"roi_head\.mask_head\.convs\.(\d+)\.conv\.(.*)", r"roi_heads.mask_head.\1.0.\2"),
-    (r"roi_head\.mask_head\.convs\.(\d+)\.bn\.(.*)", r"roi_heads.mask_head.\1.1.\2"),
+    (r"roi_head\.mask_head\.convs\.(.*)", r"roi_heads.mask_head.\1"),
     (r"roi_head\.mask_head\.upsample\.(.*)", r"roi_heads.mask_predictor.conv5_mask.\1"),
     (r"roi_head\.mask_head\.conv_logits\.(.*)", r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
 ]
@@ -95,13 +92,14 @@ def read_source(path: Path):
 
 def rename_mmdet(sd: dict) -> tuple[dict, list]:
     out, unused = {}, []
-    for k, v in sd.items():
+    for key, v in sd.items():
+        k = key if key.startswith("backbone.") else key.replace(".conv.", ".0.").replace(".bn.", ".1.")
         for pat, rep in MMDET_RULES:
             if re.fullmatch(pat, k):
                 out[re.sub(pat, rep, k)] = v
                 break
         else:
-            unused.append(k)
+            unused.append(key)
     return out, unused
 
 
