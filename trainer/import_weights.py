@@ -20,7 +20,6 @@ torchvision one (``dali_scp.presets.MODEL_FIELDS``), so each model computes what
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -30,7 +29,6 @@ import torch
 
 from dali_scp.presets import MODEL_FIELDS, Recipe, recipe as get_recipe
 
-log = logging.getLogger("import_weights")
 SEED_ARCH = "mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all (ResNet-50, FPN with BN, 2-conv RPN, 4conv1fc box head and 4-conv mask head with BN)"
 
 # mmdetection key -> this project's (torchvision's) key, after ConvModule's ".conv." / ".bn." became
