@@ -36,8 +36,9 @@ def test_device_memory_peaks_within_budget(budgets):
     for name in gpu_budget.STAGES:
         assert budgets[8, 30][name]["peak_bytes"] <= 256 * MiB, (name, budgets[8, 30][name])
         assert budgets[32, 90][name]["peak_bytes"] <= 1536 * MiB, (name, budgets[32, 90][name])
-    # and it is real work, not an empty batch: the packed masks of 32 x 90 objects alone are 360 MiB
-    assert budgets[32, 90]["masks"]["peak_bytes"] >= 360 * MiB
+    # and it is real work, not an empty batch: the packed masks alone, 32 images x the batch's largest
+    # kept count (at least 80 of the first image's 90 objects) x 128 KiB, are 320 MiB
+    assert budgets[32, 90]["masks"]["peak_bytes"] >= 32 * 80 * 128 * 1024
 
 
 def test_cli_prints_and_writes_json(tmp_path, capsys):
