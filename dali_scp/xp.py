@@ -158,9 +158,10 @@ class RawKernel:
 KERNELS: dict[str, RawKernel] = {}  # every raw kernel of the project (the compile test walks it)
 
 
-def raw_kernel(body: str):
+def raw_kernel(body: str, register: bool = True):
     """Decorator: the CUDA source of one kernel, put on its NumPy twin (which takes the same arguments:
-    arrays for pointers, a list of arrays for a sample table, NumPy scalars of the declared type)."""
+    arrays for pointers, a list of arrays for a sample table, NumPy scalars of the declared type).
+    ``register``: list it in ``KERNELS`` (the project's kernels; tests define their own apart)."""
     m = _SIGNATURE.search(body)
     if m is None or len(_SIGNATURE.findall(body)) != 1:
         raise ValueError("a raw kernel's source holds exactly one extern \"C\" __global__ function")
@@ -168,7 +169,8 @@ def raw_kernel(body: str):
 
     def deco(twin):
         k = RawKernel(m.group(1), params, PRELUDE + body, twin)
-        KERNELS[k.name] = k
+        if register:
+            KERNELS[k.name] = k
         return k
     return deco
 
