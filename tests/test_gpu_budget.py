@@ -113,3 +113,23 @@ def test_standin_peak_counts_live_bytes_and_fused_kernels_have_no_temporaries():
     r = xp.fused("row_or", lambda a: np.bitwise_or.reduce(a.astype(np.int64), axis=1), x)  # temp not counted
     assert xp.meter.kernels == 1 and xp.meter.peak_bytes == r.nbytes
     del w
+
+
+def test_stage_times_under_a_concurrent_training_step_cpu_form():
+    """The --under-training measurement's code path, on the CPU: the demo recipe's model trains in a
+    thread while the stages (through the stand-in) are timed beside it, then both alone."""
+    batch = gpu_budget.coco_like_batch(2, 4, 64, seed=0)
+    r = gpu_budget.measure_under_training(batch, 64, "demo", train_batch=1, repeats=2, device="cpu",
+                                          train_image_size=64)
+    for key in ("stages_alone_ms", "stages_under_training_ms"):
+        assert set(r[key]) == set(gpu_budget.STAGES) and all(v > 0 for v in r[key].values())
+    assert r["train_step_ms"] > 0
+    # the training thread really ran beside the stages, through nearly all of their time
+    assert r["train_steps_beside_stages"] >= 1 and r["train_step_beside_stages_ms"] > 0
+    assert r["training_share_of_stage_window"] > 0.5, r
+
+
+def test_cli_under_training_needs_the_gpu(capsys):
+    with pytest.raises(SystemExit):
+        gpu_budget.main(["--batch-size", "2", "--instances", "2", "--size", "64", "--under-training", "demo"])
+    assert "needs --device gpu" in capsys.readouterr().err
