@@ -287,14 +287,28 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
 extern "C" __global__ void dali_scp_paste_alpha(const u8_samples* masks, const long long* paste_off,
                                                const long long* paste_src, const long long* paste_row,
                                                long long plane, long long n_dst, unsigned char* alpha) {
-    /* alpha[b] = OR of the packed masks pasted into destination b (rows paste_row of sample paste_src) */
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_dst * plane; i += step) {
-        const long long b = i / plane, at = i % plane;
-        unsigned char v = 0;
-        for (long long t = paste_off[b]; t < paste_off[b + 1]; ++t)
-            v |= ((const unsigned char*)masks[paste_src[t]])[paste_row[t] * plane + at];
-        alpha[i] = v;
+    /* alpha[b] = OR of the packed masks pasted into destination b (rows paste_row of sample paste_src);
+       a destination per grid row, 32-bit words when every plane it touches is 4-byte aligned */
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    for (long long b = blockIdx.y; b < n_dst; b += gridDim.y) {
+        const long long t0 = paste_off[b], t1 = paste_off[b + 1];
+        unsigned char* out = alpha + b * plane;
+        bool words = plane % 4 == 0 && ((unsigned long long)out & 3) == 0;
+        for (long long t = t0; t < t1 && words; ++t) words = (masks[paste_src[t]] & 3) == 0;
+        if (words) {
+            for (long long i = first; i < plane / 4; i += step) {
+                unsigned int v = 0;
+                for (long long t = t0; t < t1; ++t)
+                    v |= ((const unsigned int*)(masks[paste_src[t]] + paste_row[t] * plane))[i];
+                ((unsigned int*)out)[i] = v;
+            }
+        } else {
+            for (long long i = first; i < plane; i += step) {
+                unsigned char v = 0;
+                for (long long t = t0; t < t1; ++t) v |= ((const unsigned char*)masks[paste_src[t]])[paste_row[t] * plane + i];
+                out[i] = v;
+            }
+        }
     }
 }
 """)
@@ -312,10 +326,12 @@ extern "C" __global__ void dali_scp_dst_stats(const u8_samples* masks, const uns
                                              const float* box_in, long long n_obj, int height, int row_bytes,
                                              float bbox_thr, double mask_thr, int* box_out, unsigned char* keep) {
     /* a block per object: what alpha leaves of it - tight box (zeros when empty), area - and whether it
-       stays: something left, and the box moved by at most bbox_thr or more than mask_thr pixels left */
+       stays: something left, and the box moved by at most bbox_thr or more than mask_thr pixels left.
+       Read as 32-bit words when aligned: bytes reversed (__byte_perm) put the word's first pixel in the
+       top bit, so leading/trailing zeros give the first/last pixel */
     __shared__ int lo[2], hi[2];
     __shared__ unsigned long long s_area;
-    const long long plane = (long long)height * row_bytes;
+    const int plane = height * row_bytes;
     for (long long o = blockIdx.x; o < n_obj; o += gridDim.x) {
         if (threadIdx.x == 0) { lo[0] = lo[1] = 2147483647; hi[0] = hi[1] = -1; s_area = 0; }
         __syncthreads();
@@ -323,15 +339,30 @@ extern "C" __global__ void dali_scp_dst_stats(const u8_samples* masks, const uns
         const unsigned char* a = alpha + obj_sample[o] * plane;
         int x0 = 2147483647, y0 = 2147483647, x1 = -1, y1 = -1;
         unsigned long long area = 0;
-        for (long long i = threadIdx.x; i < plane; i += blockDim.x) {
-            const unsigned int v = m[i] & ~a[i] & 0xFFu;
-            if (!v) continue;
-            const int row = (int)(i / row_bytes), px = (int)(i % row_bytes) * 8;
-            area += __popc(v);
-            y0 = min(y0, row);
-            y1 = max(y1, row + 1);
-            x0 = min(x0, px + __clz(v) - 24);  /* first pixel: the byte's highest set bit */
-            x1 = max(x1, px + 9 - __ffs(v));   /* one past the last: its lowest set bit */
+        if (row_bytes % 4 == 0 && (((unsigned long long)m | (unsigned long long)a) & 3) == 0) {
+            const int per_row = row_bytes / 4;
+            for (int k = threadIdx.x; k < plane / 4; k += blockDim.x) {
+                const unsigned int v = ((const unsigned int*)m)[k] & ~((const unsigned int*)a)[k];
+                if (!v) continue;
+                const int row = k / per_row, px = (k % per_row) * 32;
+                const unsigned int be = __byte_perm(v, 0, 0x0123);
+                area += __popc(v);
+                y0 = min(y0, row);
+                y1 = max(y1, row + 1);
+                x0 = min(x0, px + __clz(be));
+                x1 = max(x1, px + 33 - __ffs(be));
+            }
+        } else {
+            for (int i = threadIdx.x; i < plane; i += blockDim.x) {
+                const unsigned int v = m[i] & ~a[i] & 0xFFu;
+                if (!v) continue;
+                const int row = i / row_bytes, px = (i % row_bytes) * 8;
+                area += __popc(v);
+                y0 = min(y0, row);
+                y1 = max(y1, row + 1);
+                x0 = min(x0, px + __clz(v) - 24);  /* first pixel: the byte's highest set bit */
+                x1 = max(x1, px + 9 - __ffs(v));   /* one past the last: its lowest set bit */
+            }
         }
         if (area) {
             atomicAdd(&s_area, area);
@@ -376,18 +407,29 @@ extern "C" __global__ void dali_scp_paste_masks(const u8_samples* masks, const u
                                                const long long* row_code, const long long* obj_sample,
                                                const long long* obj_row, long long plane, long long n_rows,
                                                unsigned char* out) {
-    /* every byte of every output row: row_code 2*o is object o less its destination's alpha, 2*o+1
-       object o pasted whole, -1 a zero row of padding */
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_rows * plane; i += step) {
-        const long long code = row_code[i / plane], at = i % plane;
-        unsigned char v = 0;
-        if (code >= 0) {
-            const long long o = code >> 1;
-            v = ((const unsigned char*)masks[obj_sample[o]])[obj_row[o] * plane + at];
-            if (!(code & 1)) v &= ~alpha[obj_sample[o] * plane + at];
+    /* every byte of every output row (a row per grid row): row_code 2*o is object o less its
+       destination's alpha, 2*o+1 object o pasted whole, -1 a zero row of padding; 16-byte words when
+       aligned */
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    for (long long r = blockIdx.y; r < n_rows; r += gridDim.y) {
+        const long long code = row_code[r], o = code >> 1;
+        unsigned char* dst = out + r * plane;
+        const unsigned char* src = code >= 0 ? (const unsigned char*)masks[obj_sample[o]] + obj_row[o] * plane : 0;
+        const unsigned char* a = code >= 0 && !(code & 1) ? alpha + obj_sample[o] * plane : 0;
+        if (plane % 16 == 0 && (((unsigned long long)dst | (unsigned long long)src | (unsigned long long)a) & 15) == 0) {
+            for (long long i = first; i < plane / 16; i += step) {
+                uint4 v = make_uint4(0, 0, 0, 0);
+                if (src) v = ((const uint4*)src)[i];
+                if (a) {
+                    const uint4 m = ((const uint4*)a)[i];
+                    v.x &= ~m.x; v.y &= ~m.y; v.z &= ~m.z; v.w &= ~m.w;
+                }
+                ((uint4*)dst)[i] = v;
+            }
+        } else {
+            for (long long i = first; i < plane; i += step)
+                dst[i] = src ? (unsigned char)(src[i] & (a ? ~a[i] : 0xFF)) : 0;
         }
-        out[i] = v;
     }
 }
 """)
@@ -430,13 +472,34 @@ def PASTE_ROWS(row_code, box_kept, box_in, n_out, out_box, out_pasted):
 extern "C" __global__ void dali_scp_paste_images(const u8_samples* images, const unsigned char* alpha,
                                                 const long long* s_idx, long long n_dst, int height, int width,
                                                 int row_bytes, unsigned char* out) {
-    /* out[b] = the source's pixel under alpha, the destination's own elsewhere ([H, W, 3] uint8) */
-    const long long step = (long long)gridDim.x * blockDim.x, size = 3LL * height * width;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_dst * size; i += step) {
-        const long long b = i / size, at = i % size, px = at / 3;
-        const int y = (int)(px / width), x = (int)(px % width);
-        const int bit = (alpha[b * height * row_bytes + (long long)y * row_bytes + x / 8] >> (7 - x % 8)) & 1;
-        out[i] = ((const unsigned char*)images[bit ? s_idx[b] : b])[at];
+    /* out[b] = the source's pixel under alpha, the destination's own elsewhere ([H, W, 3] uint8). An
+       image row per grid row; a thread per alpha byte: 8 pixels, 24 bytes, six 32-bit words blended as
+       (dst & ~sel) | (src & sel) when aligned */
+    const int first = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
+    for (long long r = blockIdx.y; r < n_dst * height; r += gridDim.y) {
+        const long long b = r / height, row = (r % height) * width * 3;
+        const unsigned char* d = (const unsigned char*)images[b] + row;
+        const unsigned char* s = (const unsigned char*)images[s_idx[b]] + row;
+        unsigned char* o = out + r * width * 3;
+        const unsigned char* a = alpha + r * row_bytes;
+        const bool words = width % 8 == 0 && (((unsigned long long)d | (unsigned long long)s | (unsigned long long)o) & 3) == 0;
+        for (int c = first; c < row_bytes; c += step) {
+            const unsigned int bits = a[c];
+            if (words) {
+                const unsigned int* d4 = (const unsigned int*)(d + 24 * c);
+                const unsigned int* s4 = (const unsigned int*)(s + 24 * c);
+                unsigned int* o4 = (unsigned int*)(o + 24 * c);
+                for (int w = 0; w < 6; ++w) {
+                    unsigned int sel = 0;
+                    for (int j = 0; j < 4; ++j)
+                        if ((bits >> (7 - (4 * w + j) / 3)) & 1) sel |= 0xFFu << (8 * j);
+                    o4[w] = (d4[w] & ~sel) | (s4[w] & sel);
+                }
+            } else {
+                for (int j = 0; j < 24 && 8 * c + j / 3 < width; ++j)
+                    o[24 * c + j] = ((bits >> (7 - j / 3)) & 1 ? s : d)[24 * c + j];
+            }
+        }
     }
 }
 """)
@@ -513,7 +576,7 @@ def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cf
     lab_in = xpm.gather_samples(xp, labels, ())
     n_obj = int(host.obj_off[-1])
     alpha = xp.empty((B, H, Wb), xp.uint8)
-    PASTE_ALPHA(xp, xpm.blocks(B * plane, 256, 1 << 20), 256, masks, plan.paste_off, plan.paste_src, plan.paste_row,
+    PASTE_ALPHA(xp, (xpm.blocks(plane // 4, 256, 1024), min(max(B, 1), 65535)), 256, masks, plan.paste_off, plan.paste_src, plan.paste_row,
                 plane, np.int64(B), alpha)
     box_kept, keep = xp.empty((n_obj, 4), xp.int32), xp.empty(n_obj, xp.uint8)
     DST_STATS(xp, max(1, min(n_obj, 1 << 16)), 256, masks, alpha, plan.obj_sample, plan.obj_row, box_in,
@@ -532,7 +595,7 @@ def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cf
     flat = np.concatenate(rows) if B else np.zeros(0, np.int64)
     row_code_m, row_code, row_obj = _upload(xp, [padded.ravel(), flat, flat >> 1])
     out_m = xp.empty((B, M, H, Wb), xp.uint8)
-    PASTE_MASKS(xp, xpm.blocks(B * M * plane, 256, 1 << 20), 256, masks, alpha, row_code_m, plan.obj_sample,
+    PASTE_MASKS(xp, (xpm.blocks(plane // 16, 256, 1024), min(max(B * M, 1), 65535)), 256, masks, alpha, row_code_m, plan.obj_sample,
                 plan.obj_row, plane, np.int64(B * M), out_m)
     out_b, out_p = xp.empty((T, 4), xp.float32), xp.empty(T, xp.uint8)
     PASTE_ROWS(xp, xpm.blocks(T), 256, row_code, box_kept, box_in, np.int64(T), out_b, out_p)
@@ -545,7 +608,7 @@ def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cf
         out_img = xp.clip(xp.rint(blended), 0, 255).astype(xp.uint8)
     else:
         out_img = xp.empty((B, H, W, 3), xp.uint8)
-        PASTE_IMAGES(xp, xpm.blocks(B * H * W * 3, 256, 1 << 20), 256, images, alpha, plan.s_idx, np.int64(B),
+        PASTE_IMAGES(xp, (xpm.blocks(Wb, 128, 1024), min(max(B * H, 1), 65535)), 128, images, alpha, plan.s_idx, np.int64(B),
                      np.int32(H), np.int32(W), np.int32(Wb), out_img)
     o_off = np.concatenate([[0], np.cumsum(n_out)]).astype(np.int64)
     cut = lambda x: [x[o_off[b]:o_off[b + 1]] for b in range(B)]  # noqa: E731

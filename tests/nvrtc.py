@@ -89,8 +89,9 @@ def entry_params(ptx: str, name: str) -> list[str] | None:
     return re.findall(r"\.param\s+\.(\w+)", m.group(1))
 
 
-if __name__ == "__main__":  # pragma: no cover - a manual check: compile every kernel for the local NVRTC
+if __name__ == "__main__":  # pragma: no cover - `python tests/nvrtc.py [compute_XX]`: compile every kernel
     import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dali_scp import copy_paste, raster  # noqa: F401 - registers their kernels
     from dali_scp.xp import COMPILE_OPTIONS, CUPY_ADDS, KERNELS
     print("NVRTC %d.%d" % version())
