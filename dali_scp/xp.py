@@ -3,8 +3,8 @@ CuPy stand-in ``dali_scp.cupy_standin``).
 
 Why a seam at all: the same code must run in CI (no GPU) and on the GPU, and the CPU twin is the
 reference the GPU path is tested against. The few calls that differ between the libraries are wrapped
-here and nowhere else, and so are the two custom CUDA kernels (each with its NumPy reference, which is
-what NumPy and the stand-in run).
+here and nowhere else, and so is the machinery of the raw CUDA kernels (``RawKernel``: source, declared
+parameters, NumPy twin; ``launch`` runs the twin on NumPy and through the stand-in, the kernel on CuPy).
 """
 from __future__ import annotations
 
