@@ -27,6 +27,8 @@ setup(
         "cpu": ["nvidia-dali-cuda120>=2.0"],
         "cuda12": ["nvidia-dali-cuda120>=2.0", "cupy-cuda12x>=14.1"],
         "cuda13": ["nvidia-dali-cuda130>=2.0", "cupy-cuda13x>=14.1"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # nvidia-cuda-nvrtc (a 90 MB wheel, already a dependency of PyPI's CUDA build of torch): NVRTC, so CI
+        # compiles every raw CUDA kernel without a GPU (tests/test_kernels.py)
+        "test": ["pytest>=7", "hypothesis>=6", "nvidia-cuda-nvrtc>=13"],
     },
 )

@@ -281,62 +281,282 @@ def copy_paste_packed(images, masks, boxes, labels, choices: Choices, cfg: CopyP
     return out_img, list(packed), out_b, out_l, out_p
 
 
-# Per-byte lookup tables for boxes from packed rows: leading zeros (first pixel = high bit), trailing
-# zeros, both 8 for an empty byte, and the popcount (where ``xp.bitwise_count`` is missing).
-_BYTE_LUT = np.array([[8 - i.bit_length() for i in range(256)],
-                      [8 if i == 0 else (i & -i).bit_length() - 1 for i in range(256)],
-                      [bin(i).count("1") for i in range(256)]], np.uint8)
+# --- the GPU form: five raw kernels (each with its NumPy twin), masks read in place from DALI's samples ---
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_paste_alpha(const u8_samples* masks, const long long* paste_off,
+                                               const long long* paste_src, const long long* paste_row,
+                                               long long plane, long long n_dst, unsigned char* alpha) {
+    /* alpha[b] = OR of the packed masks pasted into destination b (rows paste_row of sample paste_src);
+       a destination per grid row, 32-bit words when every plane it touches is 4-byte aligned */
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    for (long long b = blockIdx.y; b < n_dst; b += gridDim.y) {
+        const long long t0 = paste_off[b], t1 = paste_off[b + 1];
+        unsigned char* out = alpha + b * plane;
+        bool words = plane % 4 == 0 && ((unsigned long long)out & 3) == 0;
+        for (long long t = t0; t < t1 && words; ++t) words = (masks[paste_src[t]] & 3) == 0;
+        if (words) {
+            for (long long i = first; i < plane / 4; i += step) {
+                unsigned int v = 0;
+                for (long long t = t0; t < t1; ++t)
+                    v |= ((const unsigned int*)(masks[paste_src[t]] + paste_row[t] * plane))[i];
+                ((unsigned int*)out)[i] = v;
+            }
+        } else {
+            for (long long i = first; i < plane; i += step) {
+                unsigned char v = 0;
+                for (long long t = t0; t < t1; ++t) v |= ((const unsigned char*)masks[paste_src[t]])[paste_row[t] * plane + i];
+                out[i] = v;
+            }
+        }
+    }
+}
+""")
+def PASTE_ALPHA(masks, paste_off, paste_src, paste_row, plane, n_dst, alpha):
+    a = alpha.reshape(int(n_dst), int(plane))
+    for b in range(int(n_dst)):
+        a[b] = 0
+        for t in range(int(paste_off[b]), int(paste_off[b + 1])):
+            a[b] |= masks[paste_src[t]].reshape(-1)[paste_row[t] * plane:(paste_row[t] + 1) * plane]
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_dst_stats(const u8_samples* masks, const unsigned char* alpha,
+                                             const long long* obj_sample, const long long* obj_row,
+                                             const float* box_in, long long n_obj, int height, int row_bytes,
+                                             float bbox_thr, double mask_thr, int* box_out, unsigned char* keep) {
+    /* a block per object: what alpha leaves of it - tight box (zeros when empty), area - and whether it
+       stays: something left, and the box moved by at most bbox_thr or more than mask_thr pixels left.
+       Read as 32-bit words when aligned: bytes reversed (__byte_perm) put the word's first pixel in the
+       top bit, so leading/trailing zeros give the first/last pixel */
+    __shared__ int lo[2], hi[2];
+    __shared__ unsigned long long s_area;
+    const int plane = height * row_bytes;
+    for (long long o = blockIdx.x; o < n_obj; o += gridDim.x) {
+        if (threadIdx.x == 0) { lo[0] = lo[1] = 2147483647; hi[0] = hi[1] = -1; s_area = 0; }
+        __syncthreads();
+        const unsigned char* m = (const unsigned char*)masks[obj_sample[o]] + obj_row[o] * plane;
+        const unsigned char* a = alpha + obj_sample[o] * plane;
+        int x0 = 2147483647, y0 = 2147483647, x1 = -1, y1 = -1;
+        unsigned long long area = 0;
+        if (row_bytes % 4 == 0 && (((unsigned long long)m | (unsigned long long)a) & 3) == 0) {
+            const int per_row = row_bytes / 4;
+            for (int k = threadIdx.x; k < plane / 4; k += blockDim.x) {
+                const unsigned int v = ((const unsigned int*)m)[k] & ~((const unsigned int*)a)[k];
+                if (!v) continue;
+                const int row = k / per_row, px = (k % per_row) * 32;
+                const unsigned int be = __byte_perm(v, 0, 0x0123);
+                area += __popc(v);
+                y0 = min(y0, row);
+                y1 = max(y1, row + 1);
+                x0 = min(x0, px + __clz(be));
+                x1 = max(x1, px + 33 - __ffs(be));
+            }
+        } else {
+            for (int i = threadIdx.x; i < plane; i += blockDim.x) {
+                const unsigned int v = m[i] & ~a[i] & 0xFFu;
+                if (!v) continue;
+                const int row = i / row_bytes, px = (i % row_bytes) * 8;
+                area += __popc(v);
+                y0 = min(y0, row);
+                y1 = max(y1, row + 1);
+                x0 = min(x0, px + __clz(v) - 24);  /* first pixel: the byte's highest set bit */
+                x1 = max(x1, px + 9 - __ffs(v));   /* one past the last: its lowest set bit */
+            }
+        }
+        if (area) {
+            atomicAdd(&s_area, area);
+            atomicMin(lo, x0); atomicMin(lo + 1, y0); atomicMax(hi, x1); atomicMax(hi + 1, y1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const bool any = s_area > 0;
+            const int bx[4] = {any ? lo[0] : 0, any ? lo[1] : 0, any ? hi[0] : 0, any ? hi[1] : 0};
+            bool little = true;
+            for (int j = 0; j < 4; ++j) {
+                box_out[4 * o + j] = bx[j];
+                little = little && fabsf(__fsub_rn((float)bx[j], box_in[4 * o + j])) <= bbox_thr;
+            }
+            keep[o] = any && (little || (double)s_area > mask_thr);
+        }
+        __syncthreads();
+    }
+}
+""")
+def DST_STATS(masks, alpha, obj_sample, obj_row, box_in, n_obj, height, row_bytes, bbox_thr, mask_thr,
+              box_out, keep):
+    plane = int(height) * int(row_bytes)
+    a = alpha.reshape(-1, plane)
+    bi, bo = box_in.reshape(-1, 4), box_out.reshape(-1, 4)
+    for o in range(int(n_obj)):
+        s, r = obj_sample[o], obj_row[o]
+        m = (masks[s].reshape(-1)[r * plane:(r + 1) * plane] & ~a[s]).reshape(int(height), int(row_bytes))
+        area = _popcount(m)
+        if area == 0:
+            bo[o], keep[o] = 0, 0
+            continue
+        rows = np.flatnonzero(m.any(axis=1))
+        cols = np.flatnonzero(np.unpackbits(np.bitwise_or.reduce(m, axis=0)))
+        bo[o] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+        little = bool(np.all(np.abs(bo[o].astype(np.float32) - bi[o]) <= bbox_thr))
+        keep[o] = little or area > mask_thr
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_paste_masks(const u8_samples* masks, const unsigned char* alpha,
+                                               const long long* row_code, const long long* obj_sample,
+                                               const long long* obj_row, long long plane, long long n_rows,
+                                               unsigned char* out) {
+    /* every byte of every output row (a row per grid row): row_code 2*o is object o less its
+       destination's alpha, 2*o+1 object o pasted whole, -1 a zero row of padding; 16-byte words when
+       aligned */
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+    for (long long r = blockIdx.y; r < n_rows; r += gridDim.y) {
+        const long long code = row_code[r], o = code >> 1;
+        unsigned char* dst = out + r * plane;
+        const unsigned char* src = code >= 0 ? (const unsigned char*)masks[obj_sample[o]] + obj_row[o] * plane : 0;
+        const unsigned char* a = code >= 0 && !(code & 1) ? alpha + obj_sample[o] * plane : 0;
+        if (plane % 16 == 0 && (((unsigned long long)dst | (unsigned long long)src | (unsigned long long)a) & 15) == 0) {
+            for (long long i = first; i < plane / 16; i += step) {
+                uint4 v = make_uint4(0, 0, 0, 0);
+                if (src) v = ((const uint4*)src)[i];
+                if (a) {
+                    const uint4 m = ((const uint4*)a)[i];
+                    v.x &= ~m.x; v.y &= ~m.y; v.z &= ~m.z; v.w &= ~m.w;
+                }
+                ((uint4*)dst)[i] = v;
+            }
+        } else {
+            for (long long i = first; i < plane; i += step)
+                dst[i] = src ? (unsigned char)(src[i] & (a ? ~a[i] : 0xFF)) : 0;
+        }
+    }
+}
+""")
+def PASTE_MASKS(masks, alpha, row_code, obj_sample, obj_row, plane, n_rows, out):
+    plane = int(plane)
+    a, dst = alpha.reshape(-1, plane), out.reshape(int(n_rows), plane)
+    for r, code in enumerate(row_code):
+        if code < 0:
+            dst[r] = 0
+            continue
+        o = code >> 1
+        s, j = obj_sample[o], obj_row[o]
+        dst[r] = masks[s].reshape(-1)[j * plane:(j + 1) * plane]
+        if not code & 1:
+            dst[r] &= ~a[s]
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_paste_rows(const long long* row_code, const int* box_kept,
+                                              const float* box_in, long long n_out, float* out_box,
+                                              unsigned char* out_pasted) {
+    /* boxes and pasted flags of the output objects: a kept object's box after the paste, a pasted
+       object's own box */
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < n_out; t += step) {
+        const long long o = row_code[t] >> 1, pasted = row_code[t] & 1;
+        for (int j = 0; j < 4; ++j) out_box[4 * t + j] = pasted ? box_in[4 * o + j] : (float)box_kept[4 * o + j];
+        out_pasted[t] = (unsigned char)pasted;
+    }
+}
+""")
+def PASTE_ROWS(row_code, box_kept, box_in, n_out, out_box, out_pasted):
+    o, pasted = row_code >> 1, row_code & 1
+    out_box.reshape(-1, 4)[:] = np.where(pasted[:, None] > 0, box_in.reshape(-1, 4)[o],
+                                         box_kept.reshape(-1, 4)[o].astype(np.float32))
+    out_pasted[:] = pasted
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_paste_images(const u8_samples* images, const unsigned char* alpha,
+                                                const long long* s_idx, long long n_dst, int height, int width,
+                                                int row_bytes, unsigned char* out) {
+    /* out[b] = the source's pixel under alpha, the destination's own elsewhere ([H, W, 3] uint8). An
+       image row per grid row; a thread per alpha byte: 8 pixels, 24 bytes, six 32-bit words blended as
+       (dst & ~sel) | (src & sel) when aligned */
+    const int first = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x;
+    for (long long r = blockIdx.y; r < n_dst * height; r += gridDim.y) {
+        const long long b = r / height, row = (r % height) * width * 3;
+        const unsigned char* d = (const unsigned char*)images[b] + row;
+        const unsigned char* s = (const unsigned char*)images[s_idx[b]] + row;
+        unsigned char* o = out + r * width * 3;
+        const unsigned char* a = alpha + r * row_bytes;
+        const bool words = width % 8 == 0 && (((unsigned long long)d | (unsigned long long)s | (unsigned long long)o) & 3) == 0;
+        for (int c = first; c < row_bytes; c += step) {
+            const unsigned int bits = a[c];
+            if (words) {
+                const unsigned int* d4 = (const unsigned int*)(d + 24 * c);
+                const unsigned int* s4 = (const unsigned int*)(s + 24 * c);
+                unsigned int* o4 = (unsigned int*)(o + 24 * c);
+                for (int w = 0; w < 6; ++w) {
+                    unsigned int sel = 0;
+                    for (int j = 0; j < 4; ++j)
+                        if ((bits >> (7 - (4 * w + j) / 3)) & 1) sel |= 0xFFu << (8 * j);
+                    o4[w] = (d4[w] & ~sel) | (s4[w] & sel);
+                }
+            } else {
+                for (int j = 0; j < 24 && 8 * c + j / 3 < width; ++j)
+                    o[24 * c + j] = ((bits >> (7 - j / 3)) & 1 ? s : d)[24 * c + j];
+            }
+        }
+    }
+}
+""")
+def PASTE_IMAGES(images, alpha, s_idx, n_dst, height, width, row_bytes, out):
+    a = alpha.reshape(int(n_dst), int(height), int(row_bytes))
+    o = out.reshape(int(n_dst), int(height), int(width), 3)
+    for b in range(int(n_dst)):
+        bit = np.unpackbits(a[b], axis=-1)[:, :int(width), None] > 0
+        o[b] = np.where(bit, images[s_idx[b]].reshape(o.shape[1:]), images[b].reshape(o.shape[1:]))
 
 
 @dataclass
 class _Plan:
-    """Everything copy-paste decides on the host (from the choices and the batch's shapes), uploaded to
-    the device in one transfer."""
-    sel_by_src: np.ndarray   # [B, N] bool: objects of sample s pasted somewhere
+    """What copy-paste decides on the host from the choices and the batch's shapes, before any device
+    data is read; uploaded in one transfer."""
+    obj_sample: np.ndarray   # [T] sample of each input object (sample after sample)
+    obj_row: np.ndarray      # [T] its row in the sample's masks
+    obj_off: np.ndarray      # [B + 1] first object of each sample
     s_idx: np.ndarray        # [B] source of each destination (itself when none)
-    valid: np.ndarray        # [B, N] real (not padding) objects
-    box_rows: np.ndarray     # [T] row in the [B * N] layout of each input object
-    paste_rows: np.ndarray   # [Tsel] row in the [B * N] layout of each pasted object
-    paste_obj: np.ndarray    # [Tsel] its index among the input objects (compact order)
-    paste_dst: np.ndarray    # [Tsel] destination sample
-    paste_rank: np.ndarray   # [Tsel] rank among the destination's pasted objects
-    n_sel: np.ndarray        # [B] objects pasted into each destination
+    paste_off: np.ndarray    # [B + 1] first pasted object of each destination
+    paste_src: np.ndarray    # [Tsel] sample the pasted object comes from
+    paste_row: np.ndarray    # [Tsel] its row there
+    paste_obj: np.ndarray    # [Tsel] its index among the input objects
 
     @classmethod
-    def make(cls, counts, choices: Choices, n: int) -> "_Plan":
+    def make(cls, counts, choices: Choices) -> "_Plan":
         B = len(counts)
         obj_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        valid = np.arange(n)[None, :] < np.asarray(counts)[:, None]
         s_idx = np.where(choices.src >= 0, choices.src, np.arange(B)).astype(np.int64)
-        sel_by_src = np.zeros((B, n), bool)
         picks = [np.asarray(p, np.int64) if choices.src[b] >= 0 else np.zeros(0, np.int64)
                  for b, p in enumerate(choices.picks)]
-        for b, p in enumerate(picks):
-            sel_by_src[s_idx[b], p] = True
         n_sel = np.array([len(p) for p in picks], np.int64)
-        paste_dst = np.repeat(np.arange(B), n_sel)
-        src_of = s_idx[paste_dst]
-        flat = np.concatenate(picks) if picks else np.zeros(0, np.int64)
-        box_rows = np.concatenate([b * n + np.arange(c) for b, c in enumerate(counts)]).astype(np.int64) \
-            if B else np.zeros(0, np.int64)
-        return cls(sel_by_src, s_idx, valid, box_rows, src_of * n + flat, obj_off[src_of] + flat, paste_dst,
-                   xpm.ranks_within(np, n_sel), n_sel)
+        paste_src = np.repeat(s_idx, n_sel)
+        paste_row = np.concatenate(picks) if B else np.zeros(0, np.int64)
+        return cls(np.repeat(np.arange(B), counts).astype(np.int64), xpm.ranks_within(np, np.asarray(counts, np.int64)),
+                   obj_off, s_idx, np.concatenate([[0], np.cumsum(n_sel)]).astype(np.int64), paste_src, paste_row,
+                   obj_off[paste_src] + paste_row)
 
     def upload(self, xp) -> "_Plan":
-        fields = [getattr(self, k) for k in self.__dataclass_fields__]
-        dev = xp.asarray(np.concatenate([np.asarray(f, np.int64).ravel() for f in fields]))
-        out, at = [], 0
-        for f in fields:
-            out.append(dev[at:at + f.size].reshape(f.shape))
-            at += f.size
-        return _Plan(*out)
+        return _Plan(*_upload(xp, [getattr(self, k) for k in self.__dataclass_fields__]))
+
+
+def _upload(xp, arrays):
+    """Host int64 arrays -> device views of one uploaded array (one transfer)."""
+    dev = xp.asarray(np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays] + [np.zeros(0, np.int64)]))
+    out, at = [], 0
+    for a in arrays:
+        out.append(dev[at:at + a.size].reshape(a.shape))
+        at += a.size
+    return out
 
 
 def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cfg: CopyPaste, xp=np):
     """The GPU form of ``copy_paste`` (also run on NumPy in CI): the whole batch on bit-packed masks,
-    never a dense mask. Alpha is an OR of packed rows, occlusion an AND-NOT, areas a popcount, boxes come
-    from the packed rows and columns; a fixed number of array operations per batch whatever its size,
-    one blocking host sync (how many destination objects survive, which sizes the output).
+    never a dense mask, the samples' masks and images read where DALI put them. Alpha is an OR of packed
+    rows, occlusion an AND-NOT, areas a popcount, boxes from the set bits; 8 kernels per batch whatever
+    its size, one blocking host sync (which destination objects survive, which sizes the output).
 
     Per-sample lists in, as DALI hands them over: images [H, W, 3] uint8, packed masks [N_b, H, W/8]
     (rows beyond the sample's objects are padding), boxes [n_b, 4] tight around the masks (the
@@ -348,82 +568,48 @@ def copy_paste_packed_batched(images, masks, boxes, labels, choices: Choices, cf
     counts = [int(lab.shape[0]) for lab in labels]
     H, W = int(images[0].shape[0]), int(images[0].shape[1])
     Wb = int(masks[0].shape[-1])
-    rows = [int(m.shape[0]) for m in masks]
-    N = max(rows + [1])
-    host = _Plan.make(counts, choices, N)
+    plane = np.int64(H * Wb)
+    host = _Plan.make(counts, choices)
     plan = host.upload(xp)
-    # the batch as one array per input (one kernel each, whatever B)
-    img = xpm.gather_samples(xp, images).reshape(B, H, W, 3)
-    m = xpm.gather_samples(xp, masks)
-    if rows != [N] * B:  # ragged input (the list API): pad to [B, N]
-        padded = xp.zeros((B * N + 1, H, Wb), xp.uint8)
-        padded[plan.box_rows] = m[xp.asarray(np.concatenate([np.arange(c) + o for c, o in
-                                                               zip(counts, np.cumsum([0] + rows[:-1]))]))]
-        m = padded[: B * N]
-    m = m.reshape(B, N, H, Wb)
-    box_in = xpm.gather_samples(xp, boxes, (4,)).astype(xp.float32)
+    masks, images = xpm.Samples(masks), xpm.Samples(images)
+    box_in = xpm.gather_samples(xp, boxes, (4,)).astype(xp.float32, copy=False)
     lab_in = xpm.gather_samples(xp, labels, ())
-    # alpha per source (each source serves one destination), then per destination
-    alpha = xpm.masked_or(xp, m, plan.sel_by_src > 0)[plan.s_idx]
-    a = xpm.unpackbits(xp, alpha)[..., :W] > 0
+    n_obj = int(host.obj_off[-1])
+    alpha = xp.empty((B, H, Wb), xp.uint8)
+    PASTE_ALPHA(xp, (xpm.blocks(plane // 4, 256, 1024), min(max(B, 1), 65535)), 256, masks, plan.paste_off, plan.paste_src, plan.paste_row,
+                plane, np.int64(B), alpha)
+    box_kept, keep = xp.empty((n_obj, 4), xp.int32), xp.empty(n_obj, xp.uint8)
+    DST_STATS(xp, max(1, min(n_obj, 1 << 16)), 256, masks, alpha, plan.obj_sample, plan.obj_row, box_in,
+              np.int64(n_obj), np.int32(H), np.int32(Wb), np.float32(cfg.bbox_occluded_thr),
+              np.float64(cfg.mask_occluded_thr), box_kept, keep)
+    keep = xpm.to_numpy(keep) > 0  # host sync: which objects stay sizes the output
+    # output rows: each destination's kept objects, then the ones pasted into it
+    rows = [np.concatenate([2 * np.flatnonzero(keep[host.obj_off[b]:host.obj_off[b + 1]]) + 2 * host.obj_off[b],
+                            2 * host.paste_obj[host.paste_off[b]:host.paste_off[b + 1]] + 1]).astype(np.int64)
+            for b in range(B)]
+    n_out = [len(r) for r in rows]
+    M, T = max(n_out, default=0), sum(n_out)
+    padded = np.full((B, M), -1, np.int64)
+    for b, r in enumerate(rows):
+        padded[b, :len(r)] = r
+    flat = np.concatenate(rows) if B else np.zeros(0, np.int64)
+    row_code_m, row_code, row_obj = _upload(xp, [padded.ravel(), flat, flat >> 1])
+    out_m = xp.empty((B, M, H, Wb), xp.uint8)
+    PASTE_MASKS(xp, (xpm.blocks(plane // 16, 256, 1024), min(max(B * M, 1), 65535)), 256, masks, alpha, row_code_m, plan.obj_sample,
+                plan.obj_row, plane, np.int64(B * M), out_m)
+    out_b, out_p = xp.empty((T, 4), xp.float32), xp.empty(T, xp.uint8)
+    PASTE_ROWS(xp, xpm.blocks(T), 256, row_code, box_kept, box_in, np.int64(T), out_b, out_p)
+    out_l = lab_in[row_obj]
     if cfg.blend_sigma > 0:
+        img = xpm.gather_samples(xp, list(images)).reshape(B, H, W, 3)
+        a = xpm.unpackbits(xp, alpha)[..., :W] > 0
         af = xpm.gaussian_filter(xp, a.astype(xp.float32), (0, cfg.blend_sigma, cfg.blend_sigma))[..., None]
         blended = af * img[plan.s_idx].astype(xp.float32) + (1.0 - af) * img.astype(xp.float32)
         out_img = xp.clip(xp.rint(blended), 0, 255).astype(xp.uint8)
     else:
-        out_img = xp.where(a[..., None], img[plan.s_idx], img)
-    del a
-    # pasted objects leave before the destinations lose the covered pixels (in place)
-    pasted = m.reshape(B * N, H, Wb)[plan.paste_rows]
-    m &= (~alpha)[:, None]
-    # boxes and areas of what is left of every destination object
-    lut = xp.asarray(_BYTE_LUT)
-    row_any = (m.max(axis=-1) > 0).astype(xp.uint8)          # [B, N, H]
-    col_any = (m.max(axis=2) > 0).astype(xp.uint8)           # [B, N, Wb]
-    nonempty = row_any.max(axis=-1) > 0
-    y0 = xp.argmax(row_any, axis=-1)
-    y1 = H - xp.argmax(row_any[..., ::-1], axis=-1)
-    j0 = xp.argmax(col_any, axis=-1)
-    j1 = Wb - 1 - xp.argmax(col_any[..., ::-1], axis=-1)
-    ib = xp.arange(B)[:, None]
-    col = (xp.arange(B * N).reshape(B, N, 1) * H + xp.arange(H)) * Wb  # flat index of (b, n, row, byte 0)
-    flat = m.reshape(-1)
-    x0 = 8 * j0 + lut[0][flat[col + j0[..., None]]].min(axis=-1)      # first set bit of the first byte column
-    x1 = 8 * j1 + 8 - lut[1][flat[col + j1[..., None]]].min(axis=-1)  # last set bit of the last one
-    del col
-    dst_boxes = xp.stack([x0, y0, x1, y1], axis=-1).astype(xp.float32) * nonempty[..., None]
-    pop = xp.bitwise_count(m) if hasattr(xp, "bitwise_count") else lut[2][m]
-    area = pop.sum(axis=(2, 3), dtype=xp.int32)
-    del pop
-    old = xp.zeros((B * N + 1, 4), xp.float32)
-    old[plan.box_rows] = box_in
-    moved_little = xp.all(xp.abs(dst_boxes - old[: B * N].reshape(B, N, 4)) <= cfg.bbox_occluded_thr, axis=-1)
-    keep = (plan.valid > 0) & (moved_little | (area > cfg.mask_occluded_thr)) & (area > 0)
-    n_keep_d = keep.sum(axis=1)
-    n_keep = xpm.to_numpy(n_keep_d)  # host sync: sizes the output
-    n_out = n_keep + host.n_sel
-    M = int(n_out.max()) if B else 0
-    T = int(n_out.sum())
+        out_img = xp.empty((B, H, W, 3), xp.uint8)
+        PASTE_IMAGES(xp, (xpm.blocks(Wb, 128, 1024), min(max(B * H, 1), 65535)), 128, images, alpha, plan.s_idx, np.int64(B),
+                     np.int32(H), np.int32(W), np.int32(Wb), out_img)
     o_off = np.concatenate([[0], np.cumsum(n_out)]).astype(np.int64)
-    off = xp.asarray(o_off)
-    # kept objects, then pasted ones; rows of padding (and dropped objects) go to a dump row
-    rank = xp.cumsum(keep, axis=1) - 1
-    out_m = xp.zeros((B * M + 1, H, Wb), xp.uint8)
-    out_m[xp.where(keep, ib * M + rank, B * M).reshape(-1)] = m.reshape(B * N, H, Wb)
-    out_m[plan.paste_dst * M + n_keep_d[plan.paste_dst] + plan.paste_rank] = pasted
-    del m, pasted
-    keep_at = xp.where(keep, off[:-1][:, None] + rank, T).reshape(-1)
-    paste_at = off[plan.paste_dst] + n_keep_d[plan.paste_dst] + plan.paste_rank
-    out_b = xp.zeros((T + 1, 4), xp.float32)
-    out_b[keep_at] = dst_boxes.reshape(B * N, 4)
-    out_b[paste_at] = box_in[plan.paste_obj]
-    lab_pad = xp.zeros(B * N + 1, lab_in.dtype)
-    lab_pad[plan.box_rows] = lab_in
-    out_l = xp.zeros(T + 1, lab_in.dtype)
-    out_l[keep_at] = lab_pad[: B * N]
-    out_l[paste_at] = lab_in[plan.paste_obj]
-    out_p = xp.zeros(T + 1, xp.uint8)
-    out_p[paste_at] = 1
-    out_m = out_m[: B * M].reshape(B, M, H, Wb)
     cut = lambda x: [x[o_off[b]:o_off[b + 1]] for b in range(B)]  # noqa: E731
     return [out_img[b] for b in range(B)], [out_m[b] for b in range(B)], cut(out_b), cut(out_l), cut(out_p)

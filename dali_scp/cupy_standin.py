@@ -9,7 +9,9 @@ What counts (CuPy's behaviour, read from its sources):
 - ``kernels``: every array operation that produces or writes device data (ufuncs, reductions, scans,
   sorts, gathers/scatters, copies, fills, concatenation of any number of arrays), one per call. Pure
   views (basic slicing, reshape of contiguous data, ``broadcast_to``, ``view``) and ``empty`` cost none.
-  A fused kernel (``fused``: a ReductionKernel/ElementwiseKernel with a NumPy reference) counts one.
+  A fused kernel (``fused``: a ReductionKernel/ElementwiseKernel with a NumPy reference) counts one, and
+  so does a raw kernel (``launch``: ``dali_scp.xp.RawKernel``, run as its NumPy twin), plus one upload per
+  table of sample pointers it reads.
 - ``host_syncs``: every blocking device->host transfer: ``int()/float()/bool()`` of a device array,
   ``.item()``, ``.tolist()``, ``.get()``, ``asnumpy``, and operations whose output size depends on the
   data (``nonzero``, ``flatnonzero``, ``argwhere``, ``unique``, boolean-mask indexing).
@@ -19,7 +21,12 @@ What counts (CuPy's behaviour, read from its sources):
   do not exist on the GPU and are not counted.
 
 It also refuses what CuPy refuses, so CI catches it: implicit conversion to NumPy (``np.asarray(d)``),
-host arrays mixed into device operations, ``cupyx.scatter_min/max`` on 64-bit integers (CuPy < 14.1).
+host arrays mixed into device operations, ``cupyx.scatter_min/max`` on 64-bit integers (CuPy < 14.1);
+for raw kernels, host arrays and unsupported argument types (``cupy/cuda/function.pyx``) and launch
+configurations CUDA rejects (an empty grid, more than 1024 threads a block) - and, stricter than CuPy,
+which would let the kernel misread silently, arguments that do not match the declared parameters and a
+twin that writes a ``const`` input. ``empty`` returns poisoned memory (0xA5 bytes), so code that relies
+on fresh device memory being zero fails here as it would on the GPU.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ _SYNC_FUNCS = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extr
 # kernels CuPy launches per call where it is more than one (its sources: scan = astype copy + scan kernel,
 # plus a block-sum pass over 512 elements; searchsorted = zero fill + search; sort = copy + CUB sort)
 _COST = {"cumsum": 2, "searchsorted": 2, "sort": 2, "argsort": 2}
+POISON = 0xA5  # the byte ``empty`` fills new arrays with
 _SCATTER_DTYPES = {"add": {np.int32, np.uint32, np.uint64, np.float16, np.float32, np.float64},
                    "min": {np.int32, np.uint32, np.float32, np.float64},  # CuPy < 14.1: no 64-bit ints
                    "max": {np.int32, np.uint32, np.float32, np.float64}}
@@ -292,10 +300,12 @@ class StandIn:
 
     # creation
     def empty(self, shape, dtype=float):
-        return self._wrap(np.empty(shape, dtype))
+        a = np.empty(shape, dtype)
+        a.view(np.uint8).fill(POISON)  # CuPy's empty is uninitialised device memory, not zeros
+        return self._wrap(a)
 
     def empty_like(self, a, dtype=None):
-        return self._wrap(np.empty(a.shape, dtype or a.dtype))
+        return self.empty(a.shape, dtype or a.dtype)
 
     def asarray(self, x, dtype=None):
         if isinstance(x, DeviceArray):
@@ -330,6 +340,50 @@ class StandIn:
         self.meter.kernel("scatter_" + kind)
         getattr({"add": np.add, "min": np.minimum, "max": np.maximum}[kind], "at")(
             out._a, _unwrap(idx, "scatter"), _unwrap(vals, "scatter"))
+
+    def launch(self, kernel, grid: tuple, block: tuple, args: tuple):
+        """A raw CUDA kernel (``dali_scp.xp.RawKernel``): checked as CuPy and CUDA would check the launch,
+        and against its declared parameters; counted as one kernel; run as its NumPy twin with the
+        ``const`` inputs made read-only."""
+        from dali_scp.xp import check_args
+        if not (1 <= len(grid) <= 3 and 1 <= len(block) <= 3):
+            raise ValueError(f"{kernel.name}: grid and block take 1 to 3 dimensions")
+        g, b = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        if (min(g + b) < 1 or g[0] > 2**31 - 1 or max(g[1:]) > 65535 or b[0] * b[1] * b[2] > 1024
+                or b[2] > 64):
+            raise ValueError(f"{kernel.name}: invalid launch configuration grid={grid} block={block} "
+                             "(cuLaunchKernel: CUDA_ERROR_INVALID_VALUE)")
+        for a in args:  # what CuPy's _pointer() accepts
+            if isinstance(a, np.ndarray) and a.size != 1:
+                raise TypeError(f"{kernel.name}: You are trying to pass a numpy.ndarray of shape {a.shape} as a "
+                                "kernel parameter (CuPy refuses host arrays)")
+            if not isinstance(a, (DeviceArray, np.generic, int, float, bool, list, tuple, type(None))):
+                raise TypeError(f"{kernel.name}: Unsupported type {type(a)}")
+        check_args(kernel, args, DeviceArray)
+        self.meter.kernel("raw:" + kernel.name)
+        host, frozen = [], []
+        for p, a in zip(kernel.params, args):
+            if p.samples:
+                if getattr(a, "table", None) is None:  # a plain list, or an xp.Samples not uploaded yet
+                    self.h2d_upload(kernel.name + " sample table")
+                    if hasattr(a, "table"):
+                        a.table = True
+                host.append([x._a for x in a])
+                frozen += [x._a for x in a]
+            elif p.pointer:
+                host.append(a._a)
+                if p.const:
+                    frozen.append(a._a)
+            else:
+                host.append(a)
+        flags = [(x, x.flags.writeable) for x in frozen]
+        try:
+            for x, _ in flags:
+                x.flags.writeable = False
+            kernel.twin(*host)
+        finally:
+            for x, w in flags:
+                x.flags.writeable = w
 
     def fused(self, name: str, reference, *args):
         """A custom CuPy kernel, run here as its NumPy reference: one kernel, no temporaries."""

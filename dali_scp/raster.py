@@ -13,10 +13,10 @@ crossing per pixel row whose centre it spans (half-open in y, so every row has a
 crossings sorted by (polygon, row, column) pair up into spans [c0, c1). Two writers share it:
 
 - ``rasterize_flat`` / ``rasterize_batch`` (the CPU): spans expanded into pixel writes of dense masks.
-- ``rasterize_packed_batch`` (the GPU form, also run on NumPy in CI): the union of each instance's
-  spans becomes a handful of *toggle* bits per row, written straight into bit-packed masks, and one
-  prefix-XOR along the row fills them. A fixed number of array operations per batch whatever its size,
-  two blocking host syncs (the crossing count, then the kept count per sample), no dense mask at all.
+- ``rasterize_packed_batch`` (the GPU form, also run on NumPy in CI): the same spans from raw kernels
+  (each with a NumPy twin), OR-ed straight into bit-packed masks, so overlapping parts of one object
+  give their union. A fixed number of kernels per batch whatever its size (20), two blocking host
+  syncs (the crossing count, then the kept count per sample), no dense mask at all.
 """
 from __future__ import annotations
 
@@ -184,6 +184,230 @@ def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np, 
     return out_m, out_b, out_k
 
 
+# --- the GPU writer: six raw kernels (each with its NumPy twin) around one cumsum and one sort ---------
+#
+# Same rule and same arithmetic as ``spans`` (the crossing column is computed with explicit
+# round-to-nearest double operations, so it equals NumPy's to the bit), but every step is one launch:
+# edges -> crossings (a thread per crossing) -> sorted keys pair up into spans -> boxes and kept ranks ->
+# the spans' bits OR-ed straight into packed 32-bit words (OR takes the union of overlapping parts).
+
+_INT32_MAX = np.iinfo(np.int32).max
+_CLAMP = r"""
+static __device__ long long clamp_to(double a, long long hi) {  /* np.clip(a, 0, hi) for finite a */
+    a = a < 0.0 ? 0.0 : a;
+    return (long long)(a > (double)hi ? (double)hi : a);
+}
+"""
+
+
+@xpm.raw_kernel(_CLAMP + r"""
+extern "C" __global__ void dali_scp_polygon_edges(
+        const int* polys, const long long* vert_base, const long long* inst_base, const double* verts,
+        long long n_poly, long long n_vert, long long n_inst, int height,
+        long long* poly_inst, long long* n_rows, int* edge_r0, int* edge_poly, int* edge_next) {
+    /* a thread per polygon: every edge (indexed by its first vertex) gets the pixel rows whose centre it
+       spans, half-open in y; polygons of fewer than 3 vertices (or out of range) get none */
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < n_poly; p += step) {
+        const long long s = vert_base[p] + polys[3 * p + 1], e = vert_base[p] + polys[3 * p + 2];
+        const long long inst = inst_base[p] + polys[3 * p];
+        const bool ok = e - s >= 3 && s >= 0 && e <= n_vert && inst >= 0 && inst < n_inst;
+        poly_inst[p] = ok ? inst : -1;
+        if (!ok) continue;
+        for (long long v = s; v < e; ++v) {
+            const long long nx = v + 1 < e ? v + 1 : s;
+            const double y0 = verts[2 * v + 1], y1 = verts[2 * nx + 1];
+            const long long r0 = clamp_to(ceil(__dsub_rn(y0 < y1 ? y0 : y1, 0.5)), height);
+            const long long r1 = clamp_to(ceil(__dsub_rn(y0 < y1 ? y1 : y0, 0.5)), height);
+            n_rows[v] = r1 > r0 ? r1 - r0 : 0;
+            edge_r0[v] = (int)r0;
+            edge_poly[v] = (int)p;
+            edge_next[v] = (int)nx;
+        }
+    }
+}
+""")
+def POLYGON_EDGES(polys, vert_base, inst_base, verts, n_poly, n_vert, n_inst, height,
+                  poly_inst, n_rows, edge_r0, edge_poly, edge_next):
+    p = polys.reshape(-1, 3).astype(np.int64)
+    s, e, inst = vert_base + p[:, 1], vert_base + p[:, 2], inst_base + p[:, 0]
+    ok = (e - s >= 3) & (s >= 0) & (e <= n_vert) & (inst >= 0) & (inst < n_inst)
+    poly_inst[:] = np.where(ok, inst, -1)
+    cnt = np.where(ok, e - s, 0)
+    pid = np.repeat(np.arange(len(p)), cnt)
+    v = np.repeat(s, cnt) + xpm.ranks_within(np, cnt)
+    nx = np.where(v + 1 < e[pid], v + 1, s[pid])
+    y = verts.reshape(-1, 2)[:, 1]
+    r0 = np.clip(np.ceil(np.minimum(y[v], y[nx]) - 0.5), 0, height).astype(np.int64)
+    r1 = np.clip(np.ceil(np.maximum(y[v], y[nx]) - 0.5), 0, height).astype(np.int64)
+    n_rows[v] = np.maximum(r1 - r0, 0)
+    edge_r0[v], edge_poly[v], edge_next[v] = r0, pid, nx
+
+
+@xpm.raw_kernel(_CLAMP + r"""
+extern "C" __global__ void dali_scp_crossings(
+        const long long* ends, const long long* n_rows, const int* edge_r0, const int* edge_poly,
+        const int* edge_next, const double* verts, long long n_vert, long long total, int height, int width,
+        long long* keys) {
+    /* a thread per (edge, row) crossing: its column, as the key (polygon, row, column) */
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += step) {
+        long long lo = 0, hi = n_vert;  /* the edge: the first whose running count exceeds k */
+        while (lo < hi) {
+            const long long mid = (lo + hi) / 2;
+            if (ends[mid] > k) hi = mid; else lo = mid + 1;
+        }
+        const long long e = lo, nx = edge_next[e];
+        const long long row = edge_r0[e] + k - (ends[e] - n_rows[e]);
+        const double x0 = verts[2 * e], y0 = verts[2 * e + 1], x1 = verts[2 * nx], y1 = verts[2 * nx + 1];
+        const double t = __ddiv_rn(__dsub_rn(__dadd_rn((double)row, 0.5), y0), __dsub_rn(y1, y0));
+        const double xc = __dadd_rn(x0, __dmul_rn(t, __dsub_rn(x1, x0)));
+        const long long col = clamp_to(__dadd_rn(floor(__dsub_rn(xc, 0.5)), 1.0), width);
+        keys[k] = ((long long)edge_poly[e] * height + row) * (width + 1) + col;
+    }
+}
+""")
+def CROSSINGS(ends, n_rows, edge_r0, edge_poly, edge_next, verts, n_vert, total, height, width, keys):
+    k = np.arange(int(total), dtype=np.int64)
+    e = np.searchsorted(ends, k, side="right")
+    nx = edge_next[e]
+    row = edge_r0[e] + k - (ends[e] - n_rows[e])
+    v = verts.reshape(-1, 2)
+    x0, y0, x1, y1 = v[e, 0], v[e, 1], v[nx, 0], v[nx, 1]
+    t = (row + 0.5 - y0) / (y1 - y0)
+    xc = x0 + t * (x1 - x0)
+    col = np.clip(np.floor(xc - 0.5) + 1, 0, width).astype(np.int64)
+    keys[:] = (edge_poly[e].astype(np.int64) * height + row) * (width + 1) + col
+
+
+_SPAN = r"""
+    /* sorted keys pair up: [key 2i, key 2i+1) is one span [c0, c1) of one polygon's row */
+    const long long a = keys[2 * i], b = keys[2 * i + 1], w1 = (long long)width + 1;
+    const long long row = (a / w1) % height, c0 = a % w1, c1 = b % w1;
+    if (c1 <= c0) continue;
+    const long long inst = poly_inst[a / (w1 * height)];
+"""
+
+
+def _spans_of(keys, n_pairs, poly_inst, height, width):
+    a, b = keys[0:2 * n_pairs:2], keys[1:2 * n_pairs:2]
+    w1 = width + 1
+    row, c0, c1 = (a // w1) % height, a % w1, b % w1
+    nz = c1 > c0
+    return row[nz], c0[nz], c1[nz], poly_inst[a[nz] // (w1 * height)]
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_span_boxes(const long long* keys, long long n_pairs,
+                                              const long long* poly_inst, int height, int width, int* box) {
+    /* tight boxes: box[inst] = (min c0, min row, -max c1, -max row+1), every entry INT_MAX before */
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_pairs; i += step) {
+""" + _SPAN + r"""
+        atomicMin(box + 4 * inst, (int)c0);
+        atomicMin(box + 4 * inst + 1, (int)row);
+        atomicMin(box + 4 * inst + 2, (int)-c1);
+        atomicMin(box + 4 * inst + 3, (int)-(row + 1));
+    }
+}
+""")
+def SPAN_BOXES(keys, n_pairs, poly_inst, height, width, box):
+    row, c0, c1, inst = _spans_of(keys, int(n_pairs), poly_inst, int(height), int(width))
+    for j, v in enumerate((c0, row, -c1, -(row + 1))):
+        np.minimum.at(box[:, j], inst, v.astype(np.int32))
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_kept_ranks(const int* box, const long long* inst_off, int n_samples,
+                                              long long* rank, long long* starts) {
+    /* one block: an instance is kept when it covers a pixel; its rank among its sample's kept ones
+       (-1: dropped), and starts[b] = kept instances before sample b (starts[B] = all) */
+    for (int b = threadIdx.x; b < n_samples; b += blockDim.x) {
+        long long r = 0;
+        for (long long i = inst_off[b]; i < inst_off[b + 1]; ++i) rank[i] = box[4 * i] != 2147483647 ? r++ : -1;
+        starts[b + 1] = r;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        starts[0] = 0;
+        for (int b = 0; b < n_samples; ++b) starts[b + 1] += starts[b];
+    }
+}
+""")
+def KEPT_RANKS(box, inst_off, n_samples, rank, starts):
+    kept = box.reshape(-1, 4)[:, 0] != _INT32_MAX
+    before = np.concatenate([[0], np.cumsum(kept)])  # kept instances before each instance
+    sample_first = before[inst_off[:-1]]
+    per = np.repeat(np.arange(int(n_samples)), np.diff(inst_off))
+    rank[:] = np.where(kept, before[:-1] - sample_first[per], -1)
+    starts[:] = before[inst_off]
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_span_bits(const long long* keys, long long n_pairs,
+                                             const long long* poly_inst, const long long* inst_sample,
+                                             const long long* rank, long long kmax, int height, int width,
+                                             long long row_bytes, unsigned int* words) {
+    /* OR each span's pixels into its kept instance's packed row (first pixel in a byte's high bit; the
+       bytes addressed as little-endian 32-bit words), one atomicOr per word */
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_pairs; i += step) {
+""" + _SPAN + r"""
+        const long long slot = inst_sample[inst] * kmax + rank[inst];
+        const long long base = (slot * height + row) * row_bytes;  /* byte of the row's pixel 0 */
+        const long long first = base + c0 / 8, last = base + (c1 - 1) / 8;
+        for (long long w = first >> 2; w <= last >> 2; ++w) {
+            unsigned int bits = 0;
+            for (int j = 0; j < 4; ++j) {
+                const long long byte = 4 * w + j;
+                if (byte < first || byte > last) continue;
+                const long long px = (byte - base) * 8;  /* the byte's first pixel; it holds [lo, hi) */
+                const long long lo = c0 > px ? c0 - px : 0, hi = c1 < px + 8 ? c1 - px : 8;
+                bits |= ((0xFFu >> lo) & (0xFFu << (8 - hi)) & 0xFFu) << (8 * j);
+            }
+            atomicOr(words + w, bits);
+        }
+    }
+}
+""")
+def SPAN_BITS(keys, n_pairs, poly_inst, inst_sample, rank, kmax, height, width, row_bytes, words):
+    row, c0, c1, inst = _spans_of(keys, int(n_pairs), poly_inst, int(height), int(width))
+    base = ((inst_sample[inst] * kmax + rank[inst]) * height + row) * row_bytes
+    n = (c1 - 1) // 8 - c0 // 8 + 1
+    span = np.repeat(np.arange(len(c0)), n)
+    byte = np.repeat(c0 // 8, n) + xpm.ranks_within(np, n)
+    px = byte * 8
+    lo = np.maximum(c0[span] - px, 0)
+    hi = np.minimum(c1[span] - px, 8)
+    bits = ((0xFF >> lo) & (0xFF << (8 - hi)) & 0xFF).astype(np.uint8)
+    np.bitwise_or.at(words.view(np.uint8), base[span] + byte, bits)
+
+
+@xpm.raw_kernel(r"""
+extern "C" __global__ void dali_scp_kept_outputs(const int* box, const long long* rank,
+                                                const long long* inst_sample, const long long* starts,
+                                                long long n_inst, float* out_box, long long* kept) {
+    /* the kept instances in output order (sample after sample): xyxy boxes and batch-wide indices */
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_inst; i += step) {
+        if (rank[i] < 0) continue;
+        const long long o = starts[inst_sample[i]] + rank[i];
+        out_box[4 * o] = (float)box[4 * i];
+        out_box[4 * o + 1] = (float)box[4 * i + 1];
+        out_box[4 * o + 2] = (float)-box[4 * i + 2];
+        out_box[4 * o + 3] = (float)-box[4 * i + 3];
+        kept[o] = i;
+    }
+}
+""")
+def KEPT_OUTPUTS(box, rank, inst_sample, starts, n_inst, out_box, kept):
+    i = np.flatnonzero(rank >= 0)
+    o = starts[inst_sample[i]] + rank[i]
+    b = box.reshape(-1, 4)[i]
+    out_box.reshape(-1, 4)[o] = np.stack([b[:, 0], b[:, 1], -b[:, 2], -b[:, 3]], axis=1).astype(np.float32)
+    kept[o] = i
+
+
 @dataclass
 class PackedMasks:
     """The GPU writer's result for a batch of B samples."""
@@ -193,83 +417,53 @@ class PackedMasks:
     counts: list    # K_b per sample, on the host
 
 
-def rasterize_packed(poly_inst, poly_start, poly_end, verts, inst_sample, inst_off, height: int, width: int,
-                     xp=np, inst_off_dev=None) -> PackedMasks:
-    """Rasterise straight into bit-packed masks (the GPU writer; runs on NumPy too).
+@dataclass
+class PolygonTable:
+    """A batch's polygons in one batch-wide index space, on the device (gathered from the samples)."""
+    polys: object        # [P, 3] int32: mask index, first vertex, end vertex, within the sample
+    verts: object        # [V, 2] float64 x, y in output pixels
+    vert_base: object    # [P] int64: first vertex of the polygon's sample in ``verts``
+    inst_base: object    # [P] int64: first instance of the polygon's sample
+    inst_sample: object  # [n_inst] int64: sample of each instance
+    inst_off: np.ndarray     # [B + 1] host: first instance of each sample
+    inst_off_dev: object     # the same on the device
 
-    poly_*: batch-wide polygon table sorted by ``poly_start`` (device); ``inst_sample`` [n_inst] the
-    sample of each instance (device, sorted); ``inst_off`` [B + 1] host offsets of each sample's
-    instances. Each instance's spans are merged into their union by a running count over span start/end
-    events; only the union's boundaries become toggle bits (distinct, so a scatter-*add* into 32-bit
-    words ORs them), and a prefix XOR along each packed row turns toggles into the mask.
-    """
+
+def rasterize_packed(t: PolygonTable, height: int, width: int, xp=np) -> PackedMasks:
+    """Rasterise straight into bit-packed masks (the GPU writer; runs on NumPy too): 16 kernels whatever
+    the batch, two blocking host syncs (the crossing count, then the kept count per sample)."""
     H, W = int(height), int(width)
     Wb = (W + 7) // 8
     i64, i32 = xp.int64, xp.int32
-    B = len(inst_off) - 1
-    n_inst = int(inst_off[-1])
-    sp = spans(poly_start, poly_end, verts, H, W, xp)
-    sinst = xp.asarray(poly_inst, dtype=i64)[sp.poly]
-    nonempty = (sp.c1 > sp.c0).astype(i32)
-    # kept instances and their slots: sample-major, in instance order (as the CPU writer)
-    cov = xp.zeros(n_inst, dtype=i32)
-    xpm.scatter_max(xp, cov, sinst, nonempty)
-    rank = xp.cumsum(cov, dtype=i64) - cov          # exclusive: kept instances before this one
-    rank_at = xp.concatenate([rank, rank[-1:] + cov[-1:]]) if n_inst else xp.zeros(1, dtype=i64)
-    inst_off_dev = xp.asarray(inst_off) if inst_off_dev is None else inst_off_dev
-    starts = rank_at[inst_off_dev]                  # kept instances before each sample (and the total)
-    counts = xpm.to_numpy(starts[1:] - starts[:-1])  # host sync: sizes of the outputs
-    counts = [int(c) for c in counts]
-    kmax, total = max(counts, default=0), sum(counts)
-    slot = xp.where(cov > 0, inst_sample * kmax + rank - starts[:-1][inst_sample], B * kmax)  # dump row B*kmax
-    # span events: +1 at c0, -1 at c1, sorted by (slot, row, col); the low bit says start (1) or end (0)
-    pos = ((slot[sinst] * H + sp.row) * (W + 1))
-    ev = xp.sort(xp.concatenate([(pos + sp.c0) * 2 + 1, (pos + sp.c1) * 2]))
-    delta = (ev & 1) * 2 - 1
-    at = ev >> 1
-    run_count = xp.cumsum(delta)
-    before = (run_count - delta)[xp.searchsorted(at, at, side="left")]  # count before this position's events
-    last = xp.concatenate([at[1:] != at[:-1], xp.ones(1 if ev.shape[0] else 0, dtype=bool)])
-    col = at % (W + 1)
-    toggle = last & ((run_count != 0) != (before != 0)) & (col < 8 * Wb)  # a span ending at the row's end needs none
-    # toggle bits into the packed rows, addressed as little-endian 32-bit words
-    n_bytes = (B * kmax + 1) * H * Wb
-    buf = xp.zeros((n_bytes + 3) // 4, dtype=xp.uint32)
-    col = xp.minimum(col, 8 * Wb - 1)  # keep the (zero) add of a dropped toggle in bounds
-    byte = (at // (W + 1)) * Wb + col // 8
-    bit = (byte % 4) * 8 + 7 - col % 8
-    xpm.scatter_add(xp, buf, byte // 4, toggle.astype(xp.uint32) << bit.astype(xp.uint32))
-    packed = buf.view(xp.uint8)[:n_bytes].reshape(B * kmax + 1, H, Wb)
-    prefix_xor_rows(packed, xp)
-    masks = packed[: B * kmax].reshape(B, kmax, H, Wb)
-    # tight boxes from the spans (empty spans take neutral values), and the kept instances in output order
-    big = np.iinfo(np.int32).max
-    box = []
-    for vals, fill, scatter in ((sp.c0, big, xpm.scatter_min), (sp.row, big, xpm.scatter_min),
-                                (sp.c1, -1, xpm.scatter_max), (sp.row + 1, -1, xpm.scatter_max)):
-        edge = xp.full(n_inst, fill, dtype=i32)
-        scatter(xp, edge, sinst, xp.where(nonempty > 0, vals, fill).astype(i32))
-        box.append(edge)
-    kept = xp.zeros(total + 1, dtype=i64)
-    kept[xp.where(cov > 0, rank, total)] = xp.arange(n_inst, dtype=i64)
-    kept = kept[:total]
-    boxes = xp.stack(box, axis=1)[kept].astype(xp.float32)
+    B = len(t.inst_off) - 1
+    n_inst, n_poly, n_vert = int(t.inst_off[-1]), int(t.polys.shape[0]), int(t.verts.shape[0])
+    poly_inst, n_rows = xp.empty(n_poly, i64), xp.zeros(n_vert, i64)
+    edge_r0, edge_poly, edge_next = (xp.empty(n_vert, i32) for _ in range(3))
+    POLYGON_EDGES(xp, xpm.blocks(n_poly), 256, t.polys, t.vert_base, t.inst_base, t.verts, np.int64(n_poly),
+                  np.int64(n_vert), np.int64(n_inst), np.int32(H), poly_inst, n_rows, edge_r0, edge_poly, edge_next)
+    ends = xp.cumsum(n_rows)
+    total = int(ends[-1]) if n_vert else 0  # host sync: the crossing count sizes what follows
+    keys = xp.empty(total, i64)
+    CROSSINGS(xp, xpm.blocks(total, 256, 1 << 20), 256, ends, n_rows, edge_r0, edge_poly, edge_next, t.verts,
+              np.int64(n_vert), np.int64(total), np.int32(H), np.int32(W), keys)
+    keys = xp.sort(keys)
+    n_pairs = np.int64(total // 2)
+    box = xp.full((n_inst, 4), _INT32_MAX, dtype=i32)
+    SPAN_BOXES(xp, xpm.blocks(n_pairs, 256, 1 << 20), 256, keys, n_pairs, poly_inst, np.int32(H), np.int32(W), box)
+    rank, starts = xp.empty(n_inst, i64), xp.empty(B + 1, i64)
+    KEPT_RANKS(xp, 1, max(1, min(B, 1024)), box, t.inst_off_dev, np.int32(B), rank, starts)
+    starts_h = xpm.to_numpy(starts)  # host sync: sizes of the outputs
+    counts = [int(c) for c in np.diff(starts_h)]
+    kmax, kept_total = max(counts, default=0), int(starts_h[-1])
+    n_bytes = B * kmax * H * Wb
+    words = xp.zeros((n_bytes + 3) // 4, dtype=xp.uint32)
+    SPAN_BITS(xp, xpm.blocks(n_pairs, 256, 1 << 20), 256, keys, n_pairs, poly_inst, t.inst_sample, rank,
+              np.int64(kmax), np.int32(H), np.int32(W), np.int64(Wb), words)
+    masks = words.view(xp.uint8)[:n_bytes].reshape(B, kmax, H, Wb)
+    boxes, kept = xp.empty((kept_total, 4), xp.float32), xp.empty(kept_total, i64)
+    KEPT_OUTPUTS(xp, xpm.blocks(n_inst), 256, box, rank, t.inst_sample, starts,
+                 np.int64(n_inst), boxes, kept)
     return PackedMasks(masks, boxes, kept, counts)
-
-
-def prefix_xor_rows(packed, xp=np):
-    """In place: every bit becomes the XOR of itself and all earlier bits of its row (first pixel in
-    the high bit): toggles -> filled spans. Within a byte by three shifts, across bytes by the parity
-    of the bytes before (a running sum mod 2)."""
-    for s in (1, 2, 4):
-        packed ^= packed >> s
-    odd = packed & 1
-    par = xp.cumsum(odd, axis=-1, dtype=xp.uint8)  # inclusive count of odd bytes, mod 256
-    par -= odd                                     # exclusive
-    del odd
-    par &= 1
-    par *= 255
-    packed ^= par
 
 
 def rasterize_packed_batch(polygons, vertices, labels, height: int, width: int, xp=np):
@@ -283,15 +477,14 @@ def rasterize_packed_batch(polygons, vertices, labels, height: int, width: int, 
     B = len(counts)
     inst_off, vert_off, sample = _batch_layout(polygons, vertices, counts)
     n_poly, n_inst = len(sample), int(inst_off[-1])
-    table = xp.asarray(np.concatenate([inst_off[sample], vert_off[sample],
-                                       np.repeat(np.arange(B, dtype=np.int64), counts), inst_off]))
-    p = xpm.gather_samples(xp, polygons, (3,)).astype(xp.int64)
-    verts = xpm.gather_samples(xp, vertices, (2,))
+    table = xp.asarray(np.concatenate([vert_off[sample], inst_off[sample],
+                                       np.repeat(np.arange(B, dtype=np.int64), counts), inst_off]).astype(np.int64))
+    polys = xpm.gather_samples(xp, polygons, (3,)).astype(xp.int32, copy=False)
+    verts = xpm.gather_samples(xp, vertices, (2,)).astype(xp.float64, copy=False)
     cats = xpm.gather_samples(xp, labels, ())
-    poly_off, vert_off_d = table[:n_poly], table[n_poly:2 * n_poly]
-    pm = rasterize_packed(p[:, 0] + poly_off, p[:, 1] + vert_off_d, p[:, 2] + vert_off_d, verts,
-                          table[2 * n_poly:2 * n_poly + n_inst], inst_off, height, width, xp,
-                          inst_off_dev=table[2 * n_poly + n_inst:])
+    pm = rasterize_packed(PolygonTable(polys, verts, table[:n_poly], table[n_poly:2 * n_poly],
+                                       table[2 * n_poly:2 * n_poly + n_inst], inst_off,
+                                       table[2 * n_poly + n_inst:]), height, width, xp)
     cats = cats[pm.kept]
     ends = np.cumsum(pm.counts)
     return ([pm.masks[i] for i in range(B)], [pm.boxes[e - c:e] for c, e in zip(pm.counts, ends)],

@@ -6,6 +6,11 @@ every host sync stalls that thread and every extra kernel or byte competes with 
 follow from the code path alone, so CI holds them to a budget (``tests/test_gpu_budget.py``).
 
     python -m pipelines.gpu_budget --batch-size 8 --instances 30 [--size 1024] [--json FILE] [--device gpu]
+    python -m pipelines.gpu_budget --device gpu --batch-size 32 --instances 90 --under-training r50_ssj_scp_90k
+
+``--under-training RECIPE`` also times the stages while that recipe's model trains in the same process
+(a thread, as DALI's stages share the trainer's process and GIL), and the training step with and
+without the stages beside it.
 
 The batch is COCO-like: up to N instances per image (one image has exactly N), object areas from tiny
 to large, 10-60-vertex polygons, a fifth of the objects in 2-3 parts, some cut by the canvas edge.
@@ -13,8 +18,12 @@ to large, 10-60-vertex polygons, a fifth of the objects in 2-3 parts, some cut b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -111,6 +120,117 @@ def measure_gpu(batch: HostBatch, size: int, cp_cfg: CopyPaste | None = None, se
     return res
 
 
+def _synthetic_training(recipe_name: str, train_batch: int, device: str, image_size: int | None = None):
+    """One training step of the recipe's model (AMP on the GPU) on a fixed synthetic batch, as a
+    function: what the trainer's step costs without its data."""
+    import torch
+    from dali_scp.presets import recipe
+    from trainer.model import build_model
+    rec = recipe(recipe_name)
+    if image_size:
+        rec = dataclasses.replace(rec, image_size=image_size)
+    s = rec.image_size
+    gen = torch.Generator().manual_seed(0)
+    model = build_model(rec, num_classes=81).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    amp = device == "cuda"
+    scaler = torch.amp.GradScaler(enabled=amp)
+    images, targets = [], []
+    for _ in range(train_batch):
+        images.append(torch.randint(0, 256, (3, s, s), dtype=torch.uint8, generator=gen).to(device))
+        xy = torch.rand(12, 2, generator=gen) * s * 0.7
+        wh = torch.rand(12, 2, generator=gen) * s * 0.3 + 8
+        boxes = torch.cat([xy, xy + wh], 1).floor()
+        masks = torch.zeros(12, s, s, dtype=torch.uint8)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[k, y0:y1, x0:x1] = 1
+        targets.append(dict(boxes=boxes.to(device), labels=torch.randint(1, 81, (12,), generator=gen).to(device),
+                            masks=masks.to(device)))
+
+    def step():
+        with torch.autocast(device_type="cuda" if amp else "cpu", enabled=amp):
+            losses = model(images, targets)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def measure_under_training(batch: HostBatch, size: int, recipe_name: str = "r50_ssj_scp_90k", train_batch: int = 8,
+                           repeats: int = 10, device: str = "cuda", cp_cfg: CopyPaste | None = None,
+                           train_image_size: int | None = None) -> dict:
+    """Median milliseconds per stage and per training step, each alone and then both at once: the
+    training step in a thread on its own CUDA stream, the stages in this thread on another (DALI runs
+    them on its own stream, in the trainer's process). Each side waits for its own stream only.
+    ``device="cpu"`` runs the same with the stages through the stand-in and the model on the CPU."""
+    import torch
+    cuda = device == "cuda"
+    if cuda:
+        import cupy as cp
+        xp, s_stream, t_stream = cp, cp.cuda.Stream(non_blocking=True), torch.cuda.Stream()
+        s_ctx, t_ctx = (lambda: s_stream), (lambda: torch.cuda.stream(t_stream))
+        s_sync, t_sync = s_stream.synchronize, t_stream.synchronize
+    else:
+        xp, s_ctx, t_ctx = StandIn(), contextlib.nullcontext, contextlib.nullcontext
+        s_sync = t_sync = (lambda: None)
+    with s_ctx():
+        polygons, vertices, cat_ids, images = _device(batch, xp)
+    ras, cps = RasterizeStage(size, size), CopyPasteStage(cp_cfg or CopyPaste())
+    step = _synthetic_training(recipe_name, train_batch, device, train_image_size)
+
+    def stages(n):
+        ms = {k: [] for k in STAGES}
+        with s_ctx():
+            for _ in range(n):
+                t = time.perf_counter()
+                masks = ras(polygons, vertices, cat_ids)
+                raise_if_failed()
+                s_sync()
+                ms["masks"].append(1e3 * (time.perf_counter() - t))
+                t = time.perf_counter()
+                cps(images, *masks)
+                raise_if_failed()
+                s_sync()
+                ms["copy_paste"].append(1e3 * (time.perf_counter() - t))
+        return {k: statistics.median(v) for k, v in ms.items()}
+
+    def train(out: list, n: int | None = None, stop: threading.Event | None = None):
+        """Steps until ``n`` are done or ``stop`` is set; ``out`` gets (start, end) of each."""
+        with t_ctx():
+            while (n is None or len(out) < n) and not (stop is not None and stop.is_set()):
+                t = time.perf_counter()
+                step()
+                t_sync()
+                out.append((t, time.perf_counter()))
+
+    ms = lambda spans: [1e3 * (b - a) for a, b in spans]  # noqa: E731
+    stages(1)          # warm-up: kernel compilation, memory pools
+    train([], 2)
+    alone_stages = stages(repeats)
+    alone_train: list = []
+    train(alone_train, max(3, repeats // 2))
+    steps: list = []
+    stop = threading.Event()
+    worker = threading.Thread(target=train, args=(steps,), kwargs=dict(stop=stop), daemon=True)
+    worker.start()
+    while not steps and worker.is_alive():  # one step done: the training loop is in full swing
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    under = stages(repeats)
+    t1 = time.perf_counter()
+    stop.set()
+    worker.join()
+    beside = [(a, b) for a, b in steps if b > t0 and a < t1]  # steps that ran while the stages did
+    covered = sum(min(b, t1) - max(a, t0) for a, b in beside)
+    return dict(recipe=recipe_name, train_batch=train_batch, repeats=repeats,
+                stages_alone_ms=alone_stages, stages_under_training_ms=under,
+                train_step_ms=statistics.median(ms(alone_train)),
+                train_step_beside_stages_ms=statistics.median(ms(beside)) if beside else None,
+                train_steps_beside_stages=len(beside),
+                training_share_of_stage_window=covered / (t1 - t0))
+
+
 def _mib(n):
     return f"{n / 2**20:.1f} MiB"
 
@@ -130,11 +250,21 @@ def _main(argv=None) -> int:
     ap.add_argument("--device", choices=("standin", "gpu"), default="standin",
                     help="standin: count through the NumPy-backed CuPy stand-in (no GPU needed); "
                          "gpu: the same and then the real thing on CuPy (pool peak, ms)")
+    ap.add_argument("--under-training", metavar="RECIPE", default=None,
+                    help="with --device gpu: also time the stages while RECIPE's model trains in this process "
+                         "(e.g. r50_ssj_scp_90k), and the training step with and without them")
+    ap.add_argument("--train-batch", type=int, default=8, help="images per training step for --under-training")
     ap.add_argument("--json", help="write {'stages': {'masks': {...}, 'copy_paste': {...}}} here")
     cli.add_debug_flag(ap)
     a = ap.parse_args(argv)
     if a.size % 8 or a.size <= 0 or a.batch_size < 1 or a.instances < 0:
         ap.error("--size must be a positive multiple of 8, --batch-size >= 1, --instances >= 0")
+    if a.under_training and a.device != "gpu":
+        ap.error("--under-training needs --device gpu")
+    if a.under_training:
+        from dali_scp.presets import RECIPES
+        if a.under_training not in RECIPES:
+            ap.error(f"--under-training: unknown recipe {a.under_training!r}; choose one of {', '.join(RECIPES)}")
     batch = coco_like_batch(a.batch_size, a.instances, a.size, a.seed)
     stages = measure_standin(batch, a.size)
     if a.device == "gpu":
@@ -144,6 +274,9 @@ def _main(argv=None) -> int:
             return 2
         for k, v in measure_gpu(batch, a.size).items():
             stages[k].update(v)
+    under = None
+    if a.under_training:
+        under = measure_under_training(batch, a.size, a.under_training, a.train_batch)
     print(f"batch {a.batch_size} x up to {a.instances} instances, {a.size}^2 canvas ({a.device})")
     print(f"{'stage':<12}{'host_syncs':>11}{'kernels':>9}{'h2d':>5}{'peak':>13}"
           + (f"{'pool peak':>13}{'ms':>8}" if a.device == "gpu" else ""))
@@ -153,10 +286,20 @@ def _main(argv=None) -> int:
         if a.device == "gpu":
             line += f"{_mib(s['pool_peak_bytes']):>13}{s['ms']:>8.2f}"
         print(line)
+    if under:
+        print(f"beside a training step of {under['recipe']} ({under['train_batch']} images, AMP), ms:")
+        for name in STAGES:
+            print(f"  {name:<12} alone {under['stages_alone_ms'][name]:8.2f}   under training "
+                  f"{under['stages_under_training_ms'][name]:8.2f}")
+        beside = under["train_step_beside_stages_ms"]
+        print(f"  training step alone {under['train_step_ms']:.1f}, beside the stages "
+              + (f"{beside:.1f}" if beside is not None else "n/a (no step finished while they ran)")
+              + f" ({under['train_steps_beside_stages']} steps; training ran "
+              f"{100 * under['training_share_of_stage_window']:.0f}% of the stages' time)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"batch_size": a.batch_size, "instances": a.instances, "size": a.size, "device": a.device,
-                       "stages": stages}, f, indent=1)
+                       "stages": stages, **({"under_training": under} if under else {})}, f, indent=1)
     return 0
 
 

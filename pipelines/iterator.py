@@ -194,24 +194,50 @@ class EvalLoader:
                             orig_sizes=[(int(h), int(w)) for h, w in d["orig_size"].cpu().tolist()])
 
 
-def unpack_masks(packed: torch.Tensor) -> torch.Tensor:
-    """[n, H, W/8] bit-packed (first pixel in the high bit) -> [n, H, W] uint8 of 0/1."""
-    if packed.is_cuda:
-        shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-        return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)
-    return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1))
+_SHIFTS: dict = {}     # device -> [7..0] uint8, made once per device (not an operation per batch)
+_LUTS: dict = {}       # (id(lut), device) -> (lut, the same table on that device)
+
+
+def _on_device(lut: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The label table on the batch's device, copied there once: a blocking copy per batch would wait
+    for the whole stream (the training step's work included)."""
+    if lut.device == device:
+        return lut
+    key = (id(lut), str(device))
+    if key not in _LUTS or _LUTS[key][0] is not lut:
+        _LUTS[key] = (lut, lut.to(device))
+    return _LUTS[key][1]
+
+
+def unpack_masks(packed: torch.Tensor, counts: list[int], batched: bool | None = None) -> list[torch.Tensor]:
+    """The pipeline's padded [B, M, H, W/8] bit-packed masks (first pixel in the high bit), ``counts[i]``
+    real rows for image i -> per-image [n_i, H, W] uint8 0/1. Batched (the default on the GPU): the real
+    rows are gathered by one ``cat`` of views and unpacked in one go, three device operations per batch,
+    none per image, no host sync; each image's masks are a view of the one result. Otherwise image by
+    image with NumPy's unpackbits (the CPU: no gathered copy)."""
+    if not (packed.is_cuda if batched is None else batched):
+        return [torch.from_numpy(np.unpackbits(packed[i, :n].numpy(), axis=-1)) for i, n in enumerate(counts)]
+    real = torch.cat([packed[i, :n] for i, n in enumerate(counts)])
+    if packed.device not in _SHIFTS:
+        _SHIFTS[packed.device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (real.unsqueeze(-1) >> _SHIFTS[packed.device]).bitwise_and_(1).flatten(-2)
+    return list(torch.split(bits, counts))
 
 
 def to_targets(d: dict, lut: torch.Tensor):
+    """One iterator batch -> ``(images, targets)``: a fixed number of device operations for the whole
+    batch (category ids to labels, pasted flags to bool, the masks unpacked), per-image views of them, and
+    no device->host sync (counts, image ids and geometry are CPU outputs of the pipeline)."""
     images = d["images"]
     counts = d["counts"].reshape(-1).tolist()
-    lut = lut.to(d["cat_ids"].device)
+    b = len(counts)
     cat_ids = d["cat_ids"].long()
-    targets = []
-    for i, n in enumerate(counts):
-        ids = cat_ids[i, :n]
-        targets.append(dict(
-            boxes=d["boxes"][i, :n], labels=lut[ids], masks=unpack_masks(d["masks"][i, :n]), cat_ids=ids,
-            pasted=d["pasted"][i, :n].bool(), image_id=int(d["image_ids"][i].reshape(-1)[0]),
-            geometry=Geometry.from_row(d["geometry"][i])))
+    labels = _on_device(lut, cat_ids.device)[cat_ids]  # padding (-1) maps somewhere; it is cut off below
+    pasted = d["pasted"].bool()
+    masks = unpack_masks(d["masks"], counts)
+    image_ids = d["image_ids"].reshape(b, -1)[:, 0].tolist()
+    geometry = d["geometry"].reshape(b, -1).tolist()
+    targets = [dict(boxes=d["boxes"][i, :n], labels=labels[i, :n], masks=masks[i], cat_ids=cat_ids[i, :n],
+                    pasted=pasted[i, :n], image_id=int(image_ids[i]), geometry=Geometry.from_row(geometry[i]))
+               for i, n in enumerate(counts)]
     return images, targets

@@ -91,8 +91,8 @@ def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
 
 class RasterizeStage:
     """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. On the GPU they are
-    rasterised straight into packed bits (``rasterize_packed_batch``: a fixed set of kernels, two host
-    syncs per batch). On the CPU the dense masks are written into a reused zero buffer (re-zeroed box by
+    rasterised straight into packed bits (``rasterize_packed_batch``: 20 kernels, two host syncs per
+    batch). On the CPU the dense masks are written into a reused zero buffer (re-zeroed box by
     box), because faulting in fresh pages for objects x 1024^2 bytes costs more than rasterising, then
     packed window by window; both forms are tested equal bit for bit."""
     name = "masks"
@@ -137,8 +137,8 @@ class RasterizeStage:
 
 class CopyPasteStage:
     """Draws the pairing and selection on the host, then runs copy-paste on bit-packed masks:
-    ``copy_paste_packed`` (box windows) on the CPU, ``copy_paste_packed_batched`` (the whole batch in a
-    fixed set of kernels, one host sync) on the GPU; both are tested equal to the reference bit for bit.
+    ``copy_paste_packed`` (box windows) on the CPU, ``copy_paste_packed_batched`` (the whole batch in 8
+    kernels, one host sync) on the GPU; both are tested equal to the reference bit for bit.
 
     The random stream of batch k is ``default_rng([seed, k])``, not one long stream: a resumed run
     (DALI restores its own readers and random operators from a checkpoint) only has to tell the stage

@@ -3,11 +3,14 @@
 #   scripts/gpu_check.sh [RESULTS_DIR]        (default: $OUT, else ./gpu_results)
 # On the lent GPU machine, after `bash .gpu/K/install.sh && export PYTHONPATH=/tmp/site:$PWD` (see
 # shared/tools/gpu-wheels). Exits non-zero when any step fails; a GPU test that cannot run (no CuPy, no
-# device, no DALI for CUDA) fails instead of skipping. ~5 minutes on one H100 (measured 2026-11-25). Writes 8 files:
+# device, no DALI for CUDA) fails instead of skipping. ~5 minutes on one H100 (measured 2026-11-25, before
+# the two training-related steps marked + were added; not yet timed with them). Writes 10 files:
 #   gpu_check.log (everything, nvidia-smi first)   gpu_tests.log
-#   budget_8x30.json  budget_32x90.json             (kernels, host syncs, stand-in and pool peaks, ms)
-#   profile_gpu_b8.json  profile_gpu_b32.json       (ssj and ssj_scp, images/s; b32 also vs the DataLoader)
-#   train_gpu.jsonl  eval_gpu.json                  (60 iterations r50_ssj_scp_90k AMP; its COCO evaluation)
+#   budget_8x30.json  budget_32x90.json             (kernels, host syncs, stand-in and pool peaks, ms;
+#                                                    32x90 + the stages beside a concurrent training step)
+#   profile_gpu_b32.json  profile_gpu_b8.json       (ssj and ssj_scp, images/s; b32 also vs the DataLoader)
+#   train_gpu.jsonl  train_gpu_ssj.jsonl +          (60 iterations r50_ssj_scp_90k / r50_ssj_90k AMP)
+#   eval_gpu.json                                   (COCO evaluation of the ssj_scp checkpoint)
 set -uo pipefail
 RES=${1:-${OUT:-gpu_results}}
 mkdir -p "$RES"
@@ -46,16 +49,22 @@ step "synthetic dataset (256 train, 32 val images)" 120 python3 -m dali_scp.synt
 step "GPU tests (kernels vs references, GPU stages vs CPU bit for bit, mixed pipeline vs CPU)" 240 \
   bash -c "set -o pipefail; python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=100 tests/test_gpu.py | tee '$RES/gpu_tests.log'"
 step "GPU stage budget: batch 8 x 30 instances" 120 python3 -m pipelines.gpu_budget --device gpu --batch-size 8 --instances 30 --json "$RES/budget_8x30.json"
-step "GPU stage budget: batch 32 x 90 instances" 180 python3 -m pipelines.gpu_budget --device gpu --batch-size 32 --instances 90 --json "$RES/budget_32x90.json"
-step "profiler on the GPU: batch 8, ssj and ssj_scp" 180 python3 -m pipelines.profile --coco-root "$DATA" --device gpu \
-  --pipeline ssj ssj_scp --batch-size 8 --threads 8 --iters 60 --warmup 10 --json "$RES/profile_gpu_b8.json"
+step "GPU stage budget: batch 32 x 90 instances, alone and beside a training step (r50_ssj_scp_90k, 8 images, AMP)" 240 \
+  python3 -m pipelines.gpu_budget --device gpu --batch-size 32 --instances 90 --under-training r50_ssj_scp_90k \
+  --train-batch 8 --json "$RES/budget_32x90.json"
 step "profiler on the GPU: batch 32, ssj and ssj_scp, vs the DataLoader (8 workers)" 300 python3 -m pipelines.profile \
   --coco-root "$DATA" --device gpu --pipeline ssj ssj_scp --batch-size 32 --threads 8 --iters 30 --warmup 5 --baseline \
   --json "$RES/profile_gpu_b32.json"
-rm -rf "$RUN"
+step "profiler on the GPU: batch 8, ssj and ssj_scp" 180 python3 -m pipelines.profile --coco-root "$DATA" --device gpu \
+  --pipeline ssj ssj_scp --batch-size 8 --threads 8 --iters 40 --warmup 10 --json "$RES/profile_gpu_b8.json"
+rm -rf "$RUN" "$RUN-ssj"
 step "trainer: r50_ssj_scp_90k on one GPU (8 images, AMP), 60 iterations" 420 python3 -m trainer.run --preset r50_ssj_scp_90k \
   --coco-root "$DATA" --out "$RUN" --max-iters 60 --batch-size 8 --amp --no-eval --threads 8
 cp "$RUN/metrics.jsonl" "$RES/train_gpu.jsonl" 2>/dev/null
+step "trainer: r50_ssj_90k on one GPU (8 images, AMP), 60 iterations (the step time ssj_scp must match)" 300 \
+  python3 -m trainer.run --preset r50_ssj_90k --coco-root "$DATA" --out "$RUN-ssj" --max-iters 60 --batch-size 8 --amp \
+  --no-eval --threads 8
+cp "$RUN-ssj/metrics.jsonl" "$RES/train_gpu_ssj.jsonl" 2>/dev/null
 step "evaluation on the GPU with that checkpoint" 240 python3 -m trainer.evaluate --checkpoint "$RUN/ckpt_00000060.pth" \
   --coco-root "$DATA" --device cuda --out "$RUN/eval"
 cp "$RUN/eval/metrics.json" "$RES/eval_gpu.json" 2>/dev/null

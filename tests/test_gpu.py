@@ -1,5 +1,4 @@
-"""The GPU path against its references on the same inputs: the custom kernels against their NumPy
-references, the GPU stages against the CPU stages bit for bit, the stand-in's counts against CuPy, the
+"""The GPU path against its references on the same inputs: the raw kernels against their NumPy twins, the GPU stages against the CPU stages bit for bit, the stand-in's counts against CuPy, the
 mixed-decoder pipeline against the CPU pipeline. Run by scripts/gpu_check.sh on a GPU machine (with
 DALI_SCP_REQUIRE_GPU=1 a test that cannot run there fails instead of skipping); skipped elsewhere."""
 import numpy as np
@@ -36,13 +35,33 @@ def test_gather_samples_kernel_equals_concatenate():
     np.testing.assert_array_equal(gather_samples(cp, views, ()).get(), np.concatenate(_host(views)))
 
 
-def test_masked_or_kernel_equals_its_numpy_reference():
+def _unaligned(cp, a):
+    """A C-contiguous copy of ``a`` at an odd address: the kernels' byte paths instead of their words."""
+    assert a.dtype == cp.uint8
+    out = cp.empty(a.size + 1, cp.uint8)[1:].reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("size,aligned", [(320, True), (100, True), (320, False)])  # 100: 13-byte rows
+def test_every_kernel_equals_its_numpy_twin_on_stage_batches(size, aligned):
+    """Every raw kernel, launched by the stages on COCO-like batches, against its NumPy twin run on host
+    copies of the very same arguments: every output byte for byte (``xp.shadow_twins``). Unaligned
+    samples take the byte paths the word paths fall back to."""
     import cupy as cp
-    from dali_scp.xp import masked_or
-    rng = np.random.default_rng(0)
-    m = rng.integers(0, 256, (5, 7, 33, 41), dtype=np.uint8)
-    sel = rng.random((5, 7)) < 0.5
-    np.testing.assert_array_equal(masked_or(np, m, sel), masked_or(cp, cp.asarray(m), cp.asarray(sel)).get())
+    from dali_scp.xp import KERNELS, shadow_twins
+    b = coco_like_batch(6, 20, size, 4)
+    with shadow_twins() as checked:
+        masks, boxes, labels = rasterize_packed_batch(_dev(cp, b.polygons), _dev(cp, b.vertices), _dev(cp, b.cat_ids),
+                                                      size, size, cp)
+        images = _dev(cp, b.images)
+        if not aligned:
+            masks, images = [_unaligned(cp, m) for m in masks], [_unaligned(cp, i) for i in images]
+            assert all(m.data.ptr % 2 for m in masks)
+        ch = draw_choices(np.random.default_rng(2), [len(x) for x in labels], CopyPaste())
+        out = copy_paste_packed_batched(images, masks, boxes, labels, ch, CopyPaste(), cp)
+    assert set(checked) == set(KERNELS), set(KERNELS) - set(checked)
+    assert sum(int(p.sum()) for p in _host(out[4])) > 0  # something was pasted
 
 
 @pytest.mark.parametrize("seed", range(4))

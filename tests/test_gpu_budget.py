@@ -19,25 +19,29 @@ def budgets():
     return out
 
 
-def test_at_most_two_host_syncs_per_stage(budgets):
+# the issue's budget: fused kernels, not hundreds of array calls (before: 208 and 103 kernels)
+LIMITS = {"masks": dict(kernels=40, host_syncs=2), "copy_paste": dict(kernels=30, host_syncs=1)}
+
+
+def test_kernels_and_host_syncs_within_budget(budgets):
     for size, stages in budgets.items():
         for name, s in stages.items():
-            assert s["host_syncs"] <= 2, (size, name, s)
+            assert s["kernels"] <= LIMITS[name]["kernels"], (size, name, s)
+            assert s["host_syncs"] <= LIMITS[name]["host_syncs"], (size, name, s)
 
 
 def test_kernel_count_does_not_grow_with_batch_or_instances(budgets):
     for name in gpu_budget.STAGES:
-        small, large = budgets[8, 30][name]["kernels"], budgets[32, 90][name]["kernels"]
-        assert abs(large - small) <= 6, (name, small, large)
-        assert small < 300
+        assert budgets[8, 30][name]["kernels"] == budgets[32, 90][name]["kernels"], name
 
 
 def test_device_memory_peaks_within_budget(budgets):
     for name in gpu_budget.STAGES:
         assert budgets[8, 30][name]["peak_bytes"] <= 256 * MiB, (name, budgets[8, 30][name])
         assert budgets[32, 90][name]["peak_bytes"] <= 1536 * MiB, (name, budgets[32, 90][name])
-    # and it is real work, not an empty batch: the packed masks of 32 x 90 objects alone are 360 MiB
-    assert budgets[32, 90]["masks"]["peak_bytes"] >= 360 * MiB
+    # and it is real work, not an empty batch: the packed masks alone, 32 images x the batch's largest
+    # kept count (at least 80 of the first image's 90 objects) x 128 KiB, are 320 MiB
+    assert budgets[32, 90]["masks"]["peak_bytes"] >= 32 * 80 * 128 * 1024
 
 
 def test_cli_prints_and_writes_json(tmp_path, capsys):
@@ -112,3 +116,23 @@ def test_standin_peak_counts_live_bytes_and_fused_kernels_have_no_temporaries():
     r = xp.fused("row_or", lambda a: np.bitwise_or.reduce(a.astype(np.int64), axis=1), x)  # temp not counted
     assert xp.meter.kernels == 1 and xp.meter.peak_bytes == r.nbytes
     del w
+
+
+def test_stage_times_under_a_concurrent_training_step_cpu_form():
+    """The --under-training measurement's code path, on the CPU: the demo recipe's model trains in a
+    thread while the stages (through the stand-in) are timed beside it, then both alone."""
+    batch = gpu_budget.coco_like_batch(2, 4, 64, seed=0)
+    r = gpu_budget.measure_under_training(batch, 64, "demo", train_batch=1, repeats=2, device="cpu",
+                                          train_image_size=64)
+    for key in ("stages_alone_ms", "stages_under_training_ms"):
+        assert set(r[key]) == set(gpu_budget.STAGES) and all(v > 0 for v in r[key].values())
+    assert r["train_step_ms"] > 0
+    # the training thread really ran beside the stages, through nearly all of their time
+    assert r["train_steps_beside_stages"] >= 1 and r["train_step_beside_stages_ms"] > 0
+    assert r["training_share_of_stage_window"] > 0.5, r
+
+
+def test_cli_under_training_needs_the_gpu(capsys):
+    with pytest.raises(SystemExit):
+        gpu_budget.main(["--batch-size", "2", "--instances", "2", "--size", "64", "--under-training", "demo"])
+    assert "needs --device gpu" in capsys.readouterr().err
