@@ -239,9 +239,10 @@ def launch(xp, k: RawKernel, grid, block, *args) -> None:
     check_args(k, args, xp.ndarray)
     host = _shadow_inputs(k, args) if _SHADOW is not None else None
     dev = [_table(xp, a) if p.samples else a for p, a in zip(k.params, args)]
-    if k.name not in _COMPILED:
-        _COMPILED[k.name] = xp.RawKernel(k.source, k.name, options=COMPILE_OPTIONS)
-    _COMPILED[k.name](grid, block, tuple(dev))
+    key = (k.name, k.source)  # by source too: two kernels of one name must never share a binary
+    if key not in _COMPILED:
+        _COMPILED[key] = xp.RawKernel(k.source, k.name, options=COMPILE_OPTIONS)
+    _COMPILED[key](grid, block, tuple(dev))
     if host is not None:
         _shadow_compare(k, args, host)
 
@@ -313,6 +314,10 @@ def gather_samples(xp, arrays, shape_tail=None):
         return (np.concatenate([a.reshape((r,) + tail) for a, r in zip(arrays, rows)]) if arrays
                 else np.zeros((0,) + tail, dtype))
     row_bytes = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
+    per_row = row_bytes // dtype.itemsize
+    for b, (a, r) in enumerate(zip(arrays, rows)):  # host-side shapes: the kernel must never read past a sample
+        if a.size != r * per_row:
+            raise ValueError(f"gather_samples: sample {b} has shape {tuple(a.shape)}, not {r} rows of {tail}")
     out = xp.empty(sum(rows) * row_bytes, xp.uint8)
     if out.size:
         # DALI's samples are dense and uniform; anything else (the list API) is made so first

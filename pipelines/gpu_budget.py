@@ -178,6 +178,8 @@ def measure_under_training(batch: HostBatch, size: int, recipe_name: str = "r50_
         polygons, vertices, cat_ids, images = _device(batch, xp)
     ras, cps = RasterizeStage(size, size), CopyPasteStage(cp_cfg or CopyPaste())
     step = _synthetic_training(recipe_name, train_batch, device, train_image_size)
+    if device == "cuda":  # the inputs were copied on the default stream; training runs on t_stream
+        torch.cuda.synchronize()
 
     def stages(n):
         ms = {k: [] for k in STAGES}

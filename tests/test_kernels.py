@@ -128,3 +128,14 @@ def test_standin_empty_is_not_zero():
     xp = StandIn()
     assert (xp.empty((3, 4), xp.uint8).get() == POISON).all()
     assert (xp.empty(2, xp.int32).get().view(np.uint8) == POISON).all()
+
+
+def test_gather_samples_refuses_a_sample_of_another_shape_before_launching():
+    """The kernel copies each sample's rows by byte count: a sample whose shape is not rows x tail would be
+    read past its end on a GPU, so the host refuses it, naming the sample (the stand-in runs that path)."""
+    xp = StandIn()
+    good = xp.asarray(np.zeros((2, 3, 4), np.uint8))
+    bad = xp.asarray(np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(ValueError, match="sample 1 has shape"):
+        xpm.gather_samples(xp, [good, bad], (3, 4))
+    assert xpm.gather_samples(xp, [good, good], (3, 4)).shape == (4, 3, 4)
