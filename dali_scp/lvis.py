@@ -36,5 +36,8 @@ def as_coco(doc: dict) -> dict:
     the lists are new, the input is not modified. An entry without a usable ``coco_url`` keeps no
     ``file_name``, and the dataset check reports it."""
     images = [dict(im, file_name=image_file(im)) if image_file(im) else im for im in doc["images"]]
-    anns = [a if "iscrowd" in a else dict(a, iscrowd=0) for a in doc.get("annotations", [])]
-    return dict(doc, images=images, annotations=anns)
+    out = dict(doc, images=images)
+    if isinstance(doc.get("annotations"), list):  # anything else is the check's to report
+        out["annotations"] = [dict(a, iscrowd=0) if isinstance(a, dict) and "iscrowd" not in a else a
+                              for a in doc["annotations"]]
+    return out

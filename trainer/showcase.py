@@ -32,7 +32,8 @@ def pick_images(gt, n: int) -> list:
 
 
 def _load(images_dir: Path, info: dict) -> np.ndarray:
-    im = Image.open(images_dir / info["file_name"])
+    from dali_scp.lvis import image_file
+    im = Image.open(images_dir / image_file(info))
     if im.size != (info["width"], info["height"]):  # annotated in the EXIF-oriented frame
         im = ImageOps.exif_transpose(im)
     return np.asarray(im.convert("RGB"))
