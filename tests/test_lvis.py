@@ -211,6 +211,15 @@ def test_trainer_runs_lvis_demo(lvis_train, tmp_path):
     assert list(out.glob("ckpt_*.pth"))
 
 
+def test_visualiser_and_profiler_read_lvis(lvis_train, tmp_path):
+    from pipelines import profile
+    from pipelines.visualize import make_grid
+    grid = make_grid("ssj_scp", None, n=2, tile=64, dataset="lvis")
+    assert grid.size == (128, 64 + 22)
+    out = profile.run(["none"], None, batch=2, threads=1, iters=1, warmup=1, out_size=64, progress=False, dataset="lvis")
+    assert out["dataset"] == str(lvis_train.root) and out["results"][1]["images_per_s"] > 0
+
+
 # ---------------------------------------------------------------- recipes
 def test_lvis_recipes():
     for name, pipe in (("r50_lsj_scp_lvis", "lsj_scp"), ("r50_lsj_lvis", "lsj")):
