@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections import defaultdict
-from pathlib import Path
-
 
 from dali_scp.lvis import FREQUENCIES
 
@@ -88,10 +85,6 @@ def score(gt, results: list, iou_types=("bbox", "segm"), max_dets: int = MAX_DET
     return metrics
 
 
-def empty_metrics() -> dict:
-    return {t: {n: 0.0 for n in STAT_NAMES} for t in ("bbox", "segm")}
-
-
 def format_table(metrics: dict) -> str:
     head = f"{'':6s}" + "".join(f"{n:>8s}" for n in STAT_NAMES)
     rows = [head] + [f"{t:6s}" + "".join(f"{100 * m[n]:8.1f}" if m[n] >= 0 else f"{'-':>8s}" for n in STAT_NAMES)
@@ -114,11 +107,3 @@ def ground_truth_as_results(gt) -> list:
                         segmentation=dict(size=list(rle["size"]),
                                           counts=counts.decode("ascii") if isinstance(counts, bytes) else counts)))
     return out
-
-
-def read_results(path) -> list:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read results JSON ({e})") from e
-
