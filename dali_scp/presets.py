@@ -72,6 +72,10 @@ class EvalResize:
     pad_divisor: int = 32
 
 
+# The Recipe fields that choose between mmdetection's and torchvision's arithmetic.
+MODEL_FIELDS = ("roi_align", "box_loss", "matcher", "mask_targets", "anchors", "box_decode", "mask_paste", "init")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A training schedule. ``lr`` is for ``total_batch``; other batch sizes scale it linearly."""
@@ -98,10 +102,27 @@ class Recipe:
     repeat_threshold: float = 0.0  # repeat-factor sampling's t (LVIS: 0.001); 0 reads every image once an epoch
     detections_per_image: int = 100   # test time: COCOeval scores 100 per image, LVIS 300
     score_threshold: float = 0.05      # test time: detections kept above this (torchvision's default; LVIS 1e-4)
+    # Where mmdetection's Mask R-CNN and torchvision's compute differently: "mmdet" or "torchvision" each
+    # (README "mmdetection vs torchvision"; trainer/mmdet_style.py). The defaults are torchvision's so a
+    # checkpoint written before these fields existed rebuilds the model it was trained as; the seed
+    # recipes set all of them to "mmdet" (_SEED_MODEL).
+    roi_align: str = "torchvision"     # mmdet: aligned=True, sampling_ratio=0 / aligned=False, 2
+    box_loss: str = "torchvision"      # RPN and box head - mmdet: L1 / smooth L1, beta 1/9
+    matcher: str = "torchvision"       # mmdet: MaxIoUAssigner low-quality matches with min IoU 0.3 (RPN), 0.5 (box head)
+    mask_targets: str = "torchvision"  # mmdet: aligned RoIAlign of the gt mask, binarised / unaligned, soft
+    anchors: str = "torchvision"       # mmdet: not rounded, fixed strides 4..64 / rounded, strides inferred
+    box_decode: str = "torchvision"    # mmdet: dw, dh clamped both ways, no 0.01-px detection filter / upper clamp, filter
+    mask_paste: str = "torchvision"    # mmdet: grid_sample onto the float box / resize onto the integer box
+    init: str = "torchvision"          # mmdet: zero-init residual BN, Xavier FPN and fc, N(0, .01/.001) predictors
     eval_resize: EvalResize = field(default_factory=EvalResize)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     log_every: int = 20
+
+    def __post_init__(self):
+        for f in MODEL_FIELDS:
+            if getattr(self, f) not in ("mmdet", "torchvision"):
+                raise ValueError(f"recipe {self.name}: {f} must be 'mmdet' or 'torchvision', not {getattr(self, f)!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -121,17 +142,23 @@ class Recipe:
 _90K = dict(max_iters=90000, warmup_iters=500, warmup_factor=0.067, steps=(81000, 85500, 87750))
 _270K = dict(max_iters=270000, warmup_iters=1000, warmup_factor=0.001, steps=(243000, 256500, 263250))
 
+# mmdetection's model (mask-rcnn_r50_fpn + the seed config): its arithmetic everywhere it differs from
+# torchvision's, and its RPN keeps 1000 proposals per image in training (rpn_proposal.max_per_img).
+_SEED_MODEL = dict({f: "mmdet" for f in MODEL_FIELDS}, rpn_post_nms_train=1000)
+
 RECIPES: dict[str, Recipe] = {}
 for _pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):
     for _tag, _sched in (("90k", _90K), ("270k", _270K)):
         _name = f"r50_{_pipe}_{_tag}"
-        RECIPES[_name] = Recipe(name=_name, pipeline=_pipe, **_sched)
+        RECIPES[_name] = Recipe(name=_name, pipeline=_pipe, **_sched, **_SEED_MODEL)
 
 # The embedded default, trained from scratch on a 2-core CPU in about 12 minutes, long enough to learn:
 # `benchmarks/demo_convergence.py` (GPU, same code path) gives mask AP 0 after 200 iterations, 6 after
 # 400, 18 after 600 for the first demo recipe. This one is ~2x cheaper per iteration (half-width
 # ResNet-18, 32-channel heads, 64 RoIs per image) and learns faster per iteration (anchors of 16-256 px
-# for 256^2 images instead of COCO's 32-512).
+# for 256^2 images instead of COCO's 32-512). It keeps torchvision's arithmetic in every MODEL_FIELDS
+# choice: its AP above was measured with them (a change would need a new 12-minute measurement), and
+# torchvision's RoIAlign with 2 samples per bin is the cheaper one.
 RECIPES["demo"] = Recipe(
     name="demo", pipeline="ssj_scp", max_iters=600, lr=0.02, total_batch=4, image_size=256,
     warmup_iters=20, warmup_factor=0.1, steps=(480,), norm="BN", backbone="resnet18_half", trainable_layers=5,
@@ -148,7 +175,7 @@ RECIPES["demo"] = Recipe(
 # schedule could not be confirmed here; see README "LVIS v1").
 _LVIS = dict(repeat_threshold=0.001, detections_per_image=300, score_threshold=1e-4)
 for _pipe in ("lsj", "lsj_scp"):
-    RECIPES[f"r50_{_pipe}_lvis"] = Recipe(name=f"r50_{_pipe}_lvis", pipeline=_pipe, **_270K, **_LVIS)
+    RECIPES[f"r50_{_pipe}_lvis"] = Recipe(name=f"r50_{_pipe}_lvis", pipeline=_pipe, **_270K, **_SEED_MODEL, **_LVIS)
 
 # The demo on the synthetic LVIS-like set (`--dataset lvis` without --coco-root). Its t plays the part of
 # LVIS's: there t = 0.001 is 100 of 100,170 training images, LVIS's frequent threshold, so every category

@@ -226,7 +226,9 @@ def test_lvis_recipes():
         r = RECIPES[name]
         assert (r.pipeline, r.image_size, r.backbone, r.repeat_threshold) == (pipe, 1024, "resnet50", 0.001)
         assert (r.detections_per_image, r.score_threshold) == (300, 1e-4)
-    assert RECIPES["r50_lsj_scp_lvis"].max_iters == RECIPES["r50_lsj_lvis"].max_iters
+        # the COCO LSJ recipe of the same schedule and model but for LVIS's sampling and test-time numbers
+        coco = RECIPES[f"r50_{pipe}_270k"]
+        assert replace(r, name=coco.name, repeat_threshold=0.0, detections_per_image=100, score_threshold=0.05) == coco
     assert RECIPES["r50_lsj_scp_90k"].repeat_threshold == 0 and RECIPES["demo"].detections_per_image == 100
 
 

@@ -62,6 +62,7 @@ class RunConfig:
     resume: bool = False
     threads: int = 1
     backbone_weights: str | None = None
+    init_from: str | None = None   # --init-from: weights only, ignored when resuming
     evaluate: bool = True
     record_image_ids: bool = False
     repeat_threshold: float = 0.0  # the recipe's unless --repeat-threshold
@@ -82,6 +83,7 @@ class RunConfig:
                    lr=r.lr * total / r.total_batch, max_iters=a.max_iters or r.max_iters, amp=a.amp, seed=a.seed,
                    sync_bn=r.norm == "SyncBN" and world_size > 1 and device == "cuda", resume=a.resume,
                    threads=a.threads or default_threads(), backbone_weights=a.backbone_weights,
+                   init_from=getattr(a, "init_from", None),
                    evaluate=not a.no_eval, record_image_ids=a.record_image_ids,
                    repeat_threshold=r.repeat_threshold if a.repeat_threshold is None else a.repeat_threshold)
 
@@ -105,4 +107,4 @@ class RunConfig:
             batch_per_process=self.batch_per_process, total_batch=self.total_batch, lr=self.lr,
             max_iters=self.max_iters, amp=self.amp, seed=self.seed, dataset=str(split.root), dataset_kind=self.dataset,
             synthetic=split.synthetic, num_classes=split.num_classes, sync_bn=self.sync_bn,
-            repeat_threshold=self.repeat_threshold))
+            repeat_threshold=self.repeat_threshold, init_from=self.init_from))

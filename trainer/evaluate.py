@@ -279,6 +279,20 @@ def load_model_from_checkpoint(path: str, num_classes: int | None = None):
     return model, recipe, state
 
 
+def check_classes(path: str, state: dict, split: ds.CocoSplit) -> None:
+    """Labels map to the dataset's categories in id order (as mmdetection's and torchvision's COCO models
+    number them): a different count is an error, different names (imported checkpoints record them) a warning."""
+    n = state.get("num_classes")
+    if n is not None and n != split.num_classes:
+        raise ValueError(f"{path}: the model has {n - 1} classes, {split.annotations} has {split.num_classes - 1} "
+                         "categories")
+    names = state.get("class_names")
+    if names and list(names) != list(split.cat_names):
+        diff = next(i for i, (x, y) in enumerate(zip(names, split.cat_names)) if x != y)
+        log.warning("%s: class %d is %r in the checkpoint, %r in the dataset (labels follow category-id order)",
+                    path, diff + 1, names[diff], split.cat_names[diff])
+
+
 def main(argv=None) -> int:
     from dali_scp import cli
     return cli.run(_main, argv)
@@ -317,7 +331,8 @@ def _main(argv=None) -> int:
         return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = dist_utils.init(device)
-    model, recipe, _ = load_model_from_checkpoint(a.checkpoint)
+    model, recipe, state = load_model_from_checkpoint(a.checkpoint)
+    check_classes(a.checkpoint, state, split)
     model.to(device)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
     metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)

@@ -21,9 +21,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, RPNHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from dali_scp.presets import Recipe
+from trainer import mmdet_style as mm
 
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,8 +34,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class PipelineTransform(GeneralizedRCNNTransform):
     """Normalise and batch, never resize (the input pipeline owns geometry)."""
 
+    def __init__(self, *args, mask_paste: str = "torchvision", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_paste = mask_paste
+
     def resize(self, image, target=None):
         return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training or self.mask_paste != "mmdet":
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for r, shape, orig in zip(result, image_shapes, original_image_sizes):
+            r["boxes"] = resize_boxes(r["boxes"], shape, orig)
+            if "masks" in r:
+                r["masks"] = mm.paste_masks(r["masks"], r["boxes"], *orig)
+        return result
 
     def normalize(self, image):
         if image.dtype == torch.uint8:
@@ -72,7 +86,11 @@ def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None =
     if backbone_weights:
         load_backbone_weights(trunk, backbone_weights)
     backbone = fpn_backbone(trunk, recipe.trainable_layers, recipe.fpn_channels, norm)
-    anchors = AnchorGenerator(tuple((int(s),) for s in recipe.anchor_sizes), ((0.5, 1.0, 2.0),) * len(recipe.anchor_sizes))
+    sizes, ratios = tuple((int(s),) for s in recipe.anchor_sizes), ((0.5, 1.0, 2.0),) * len(recipe.anchor_sizes)
+    if recipe.anchors == "mmdet":  # mmdetection: anchor size = 8 x stride
+        anchors = mm.FixedStrideAnchors(sizes, ratios, tuple(s // 8 for s in recipe.anchor_sizes))
+    else:
+        anchors = AnchorGenerator(sizes, ratios)
     hc = recipe.head_channels
     model = MaskRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors,
@@ -84,9 +102,32 @@ def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None =
         rpn_post_nms_top_n_train=recipe.rpn_post_nms_train, box_batch_size_per_image=recipe.rois_per_image,
         box_detections_per_img=recipe.detections_per_image, box_score_thresh=recipe.score_threshold,
         min_size=recipe.image_size, max_size=recipe.image_size)
+    seed_style(model, recipe)
     model.transform = PipelineTransform(recipe.image_size, recipe.image_size, IMAGENET_MEAN, IMAGENET_STD,
-                                        size_divisible=32)
+                                        size_divisible=32, mask_paste=recipe.mask_paste)
     return model
+
+
+def seed_style(model: MaskRCNN, recipe: Recipe) -> None:
+    """Swap in mmdetection's arithmetic where the recipe says "mmdet" (``trainer.mmdet_style``); the RPN
+    and RoI heads become subclasses that read their choices, the rest is torchvision's as built."""
+    rpn, heads = model.rpn, model.roi_heads
+    if recipe.roi_align == "mmdet":  # mmdetection's SingleRoIExtractor over P2-P5 (MaskRCNN type-checks, so here)
+        heads.box_roi_pool = mm.LevelRoIAlign(["0", "1", "2", "3"], 7)
+        heads.mask_roi_pool = mm.LevelRoIAlign(["0", "1", "2", "3"], 14)
+    rpn.__class__, heads.__class__ = mm.SeedRPN, mm.SeedRoIHeads
+    rpn.box_loss = heads.box_loss = recipe.box_loss
+    heads.mask_targets = recipe.mask_targets
+    if recipe.matcher == "mmdet":  # mask-rcnn_r50_fpn.py train_cfg: rpn / rcnn MaxIoUAssigner
+        rpn.proposal_matcher = mm.MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
+        heads.proposal_matcher = mm.MaxIoUMatcher(0.5, 0.5, min_pos_iou=0.5)
+    if recipe.box_decode == "mmdet":
+        rpn.box_coder = mm.ClampedBoxCoder(rpn.box_coder.weights)
+        heads.box_coder = mm.ClampedBoxCoder(heads.box_coder.weights)
+        rpn.min_size = torch.finfo(torch.float32).tiny  # keeps w, h > 0 (min_bbox_size=0), torchvision: >= 1e-3
+        heads.drop_small = False
+    if recipe.init == "mmdet":
+        mm.mmdet_init(model)
 
 
 def inference(model, images: list, original_sizes: list) -> list:

@@ -52,7 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--backbone-weights", default=None, help="local ImageNet checkpoint for the backbone")
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--backbone-weights", default=None, help="local ImageNet checkpoint for the backbone")
+    init.add_argument("--init-from", default=None,
+                      help="start from this checkpoint's weights (trainer.import_weights output or a run's "
+                           "checkpoint); fresh optimiser and schedule; a different class count re-initialises "
+                           "the class-specific predictors")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the model's initialisation, the training order (a fresh permutation of the "
                         "dataset every epoch) and every augmentation")
@@ -134,6 +139,34 @@ def resume(cfg: RunConfig, d: dist_utils.Dist, model, opt, sched, scaler) -> tup
     return state["iteration"], mine["data"]
 
 
+CLASS_SPECIFIC = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def init_from(model, path: str, r: Recipe) -> None:
+    """Weights only (``--init-from``): the run's optimiser, schedule and data stream start fresh. Fine-tuning
+    on a dataset with another class count keeps everything but the class-specific predictors."""
+    from dataclasses import asdict
+    from dali_scp.presets import MODEL_FIELDS
+    state = ckpt.load(Path(path))
+    if not isinstance(state, dict) or "model" not in state:
+        raise ckpt.CheckpointError(f"--init-from {path}: not a dali-scp checkpoint (run trainer.import_weights "
+                                   "on released mmdetection / torchvision weights first)")
+    theirs, mine = state["model"], model.state_dict()
+    skipped = [k for k in mine if k.startswith(CLASS_SPECIFIC) and k in theirs and theirs[k].shape != mine[k].shape]
+    wrong = [k for k in mine if k not in skipped and (k not in theirs or theirs[k].shape != mine[k].shape)]
+    if wrong:
+        k = wrong[0]
+        got = tuple(theirs[k].shape) if k in theirs else "nothing"
+        raise ckpt.CheckpointError(f"--init-from {path}: does not fit recipe {r.name}'s model ({len(wrong)} tensors, "
+                                   f"e.g. {k}: checkpoint has {got}, model needs {tuple(mine[k].shape)})")
+    model.load_state_dict({k: (mine[k] if k in skipped else theirs[k]) for k in mine})
+    was = state.get("recipe") or {}
+    differ = [f for f in MODEL_FIELDS if was.get(f, "torchvision") != asdict(r)[f]]
+    log.info("initialised from %s (weights only; %d class-specific tensors re-initialised for %d classes)%s",
+             path, len(skipped), model.roi_heads.box_predictor.cls_score.out_features - 1,
+             f"; the checkpoint's model computed {', '.join(differ)} differently from this recipe" if differ else "")
+
+
 def on_device(batches, device: str):
     """The loader's batches on the model's device (a no-op when the pipeline already ran there)."""
     for images, targets in batches:
@@ -154,7 +187,10 @@ def train(a) -> dict:
     r = cfg.recipe
 
     seed_everything(cfg.seed + d.rank)
-    model = build_model(r, cfg.split.num_classes, cfg.backbone_weights).to(device)
+    model = build_model(r, cfg.split.num_classes, cfg.backbone_weights)
+    if cfg.init_from and not cfg.resume:
+        init_from(model, cfg.init_from, r)
+    model = model.to(device)
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
