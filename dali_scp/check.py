@@ -15,7 +15,7 @@ EXIF-oriented frame are re-expressed in stored pixels (``dali_scp.orientation``;
 ``annotated_orientation`` so evaluation can map predictions back). Every image with an orientation tag
 other than 1 is listed in the report's notes with the frame chosen.
 
-    python -m dali_scp.check --coco-root DIR [--split train2017]
+    python -m dali_scp.check --coco-root DIR [--split train2017] [--dataset lvis]
 """
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dali_scp import orientation, rle
+from dali_scp import lvis, orientation, rle
 from dali_scp.files import atomic_write, cache_dir
 from dali_scp.image_index import image_index
 from dali_scp.raster import polygon_area
 
 log = logging.getLogger(__name__)
-CHECK_VERSION = 2
+CHECK_VERSION = 3  # 3: LVIS files (dali_scp.lvis)
 BOX_TOLERANCE = 1.0  # px a box may exceed the image (COCO boxes are float, rounded)
 
 # What DALI's CPU decoder turns into the right RGB image (found by experiment with DALI 2.4 against
@@ -173,6 +173,7 @@ def check(ann_file: str | os.PathLike, images_dir: str | os.PathLike, workers: i
     fname = str(ann_file)
     try:
         doc = json.loads(ann_file.read_text())
+        doc = lvis.as_coco(doc) if lvis.is_lvis(doc) else doc  # LVIS: file names from coco_url, no crowd
         images, anns, cats = doc["images"], doc["annotations"], doc["categories"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         defects.append(Defect("malformed-json", fname, None, None, f"not a COCO instances file: {e}"))
@@ -348,25 +349,26 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
+    from dali_scp.dataset import resolve, split_files
     p = argparse.ArgumentParser(prog="python -m dali_scp.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="train2017", help="split name (default train2017)")
+    cli.add_dataset_flag(p)
     p.add_argument("--workers", type=int, default=8, help="threads decoding images (default 8)")
     p.add_argument("--json", default=None, help="also write the full report as JSON here")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any defect is found")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from dali_scp.dataset import resolve
     root = Path(a.coco_root) if a.coco_root else None
     if root is not None:
-        ann, img = root / "annotations" / f"instances_{a.split}.json", root / a.split
+        ann, img = split_files(root, a.split, a.dataset)
         if not ann.is_file():
             print(f"error: {ann}: annotation file not found", file=sys.stderr)
             return 2
     else:
-        sp = resolve(None, a.split)
+        sp = resolve(None, a.split, a.dataset)
         ann, img = sp.annotations, sp.images_dir
     rep, filtered = check(ann, img, a.workers)
     for d in rep.defects + rep.notes:

@@ -21,6 +21,15 @@ def add_debug_flag(parser) -> None:
                         help=f"on an error, show the full traceback (also {DEBUG_ENV}=1)")
 
 
+def add_dataset_flag(parser) -> None:
+    """``--dataset``: which layout ``--coco-root`` holds (``dali_scp.dataset.DATASETS``); also which
+    synthetic set stands in without it, and, for evaluation, which scorer."""
+    parser.add_argument("--dataset", default="coco", choices=("coco", "lvis"),
+                        help="coco: DIR/annotations/instances_<split>.json and DIR/<split>/; lvis: LVIS v1's "
+                             "DIR/annotations/lvis_v1_{train,val}.json beside COCO 2017's image folders, scored "
+                             "with LVIS's federated rules (without --coco-root: the synthetic set of that kind)")
+
+
 def debug_requested(argv=None) -> bool:
     args = sys.argv[1:] if argv is None else argv
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in args

@@ -1,8 +1,13 @@
-"""Which COCO split to read, and the mapping between the dataset's category ids and the contiguous
-labels a detector is trained on (1..C, 0 = background).
+"""Which split to read (COCO or LVIS layout), and the mapping between the dataset's category ids and the
+contiguous labels a detector is trained on (1..C, 0 = background).
 
-Why here: every CLI takes ``--coco-root`` and falls back to the embedded synthetic dataset, and the
-category mapping must be the same for the trainer, the evaluation and the visualiser.
+Why here: every CLI takes ``--coco-root`` and ``--dataset`` and falls back to the embedded synthetic
+dataset, and the category mapping must be the same for the trainer, the evaluation and the visualiser.
+
+Layouts (``DATASETS``): ``coco`` is ``DIR/{split}/`` and ``DIR/annotations/instances_{split}.json``;
+``lvis`` is LVIS v1's ``DIR/annotations/lvis_v1_{train,val}.json`` beside COCO 2017's ``DIR/train2017/``
+and ``DIR/val2017/``. LVIS names each image by a path relative to ``DIR`` (``dali_scp.lvis``), so its
+images folder is ``DIR`` itself.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class CocoSplit:
     cat_ids: list[int] = field(default_factory=list)
     cat_names: list[str] = field(default_factory=list)
     synthetic: bool = False
+    dataset: str = "coco"          # the layout and evaluation: "coco" or "lvis" (``DATASETS``)
 
     @property
     def num_classes(self) -> int:
@@ -44,24 +50,38 @@ class CocoSplit:
         return self.cat_names[label - 1] if 1 <= label <= len(self.cat_names) else f"label {label}"
 
 
-def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017") -> CocoSplit:
-    """``coco_root`` in COCO's layout (``{split}/``, ``annotations/instances_{split}.json``), or None for
-    the embedded synthetic dataset (generated once into the cache, never downloaded)."""
+DATASETS = ("coco", "lvis")
+
+
+def split_files(root: str | os.PathLike, split: str, dataset: str = "coco") -> tuple[Path, Path]:
+    """(annotation file, images folder) of ``split`` in ``dataset``'s layout under ``root``; nothing is
+    checked. LVIS's file for ``train2017`` (or ``train``) is ``lvis_v1_train.json``."""
+    root = Path(root)
+    if dataset == "lvis":
+        return root / "annotations" / f"lvis_v1_{split.removesuffix('2017')}.json", root
+    if dataset != "coco":
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return root / "annotations" / f"instances_{split}.json", root / split
+
+
+def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017", dataset: str = "coco") -> CocoSplit:
+    """``coco_root`` in ``dataset``'s layout (``split_files``), or None for the embedded synthetic dataset
+    of that kind (generated once into the cache, never downloaded)."""
     synthetic = coco_root is None
     if synthetic:
         from dali_scp.synthetic import default_root
-        coco_root = default_root()
+        coco_root = default_root(lvis=dataset == "lvis")
     root = Path(coco_root)
-    ann = root / "annotations" / f"instances_{split}.json"
-    img_dir = root / split
+    ann, img_dir = split_files(root, split, dataset)
     if not ann.is_file():
-        raise FileNotFoundError(f"{ann}: annotation file not found (expected COCO layout: "
-                                f"{root}/annotations/instances_{split}.json and {root}/{split}/*.jpg)")
+        expected = (f"{root}/annotations/lvis_v1_{{train,val}}.json beside {root}/train2017/ and {root}/val2017/"
+                    if dataset == "lvis" else f"{root}/annotations/instances_{split}.json and {root}/{split}/*.jpg")
+        raise FileNotFoundError(f"{ann}: annotation file not found (expected {dataset.upper()} layout: {expected})")
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: image folder not found")
     try:
         index = image_index(ann)  # cached per version of the file: a warm start parses no JSON here
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{ann}: not a COCO instances file ({type(e).__name__}: {e}); run `python -m "
-                         f"dali_scp.check --coco-root {root}` for a full report") from e
-    return CocoSplit(root, split, img_dir, ann, index.cat_ids.tolist(), index.cat_names.tolist(), synthetic)
+        raise ValueError(f"{ann}: not a {dataset.upper()} instances file ({type(e).__name__}: {e}); run `python -m "
+                         f"dali_scp.check --coco-root {root} --dataset {dataset}` for a full report") from e
+    return CocoSplit(root, split, img_dir, ann, index.cat_ids.tolist(), index.cat_names.tolist(), synthetic, dataset)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dali_scp.files import atomic_write, cache_dir
+from dali_scp.lvis import image_file
 
 INDEX_VERSION = 1
 
@@ -52,7 +53,7 @@ class ImageIndex:
         ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         flat = np.array([c for s in per_image for c in sorted(s)], np.int64)
         cats = sorted(doc.get("categories", []), key=lambda c: int(c["id"]))
-        return cls(file_names=np.array([str(im.get("file_name", "")) for im in images], dtype=str),
+        return cls(file_names=np.array([image_file(im) for im in images], dtype=str),
                    image_ids=ids, cat_ids=np.array([int(c["id"]) for c in cats], np.int64),
                    cat_names=np.array([str(c.get("name", c["id"])) for c in cats], dtype=str),
                    image_cat_ptr=ptr, image_cats=flat)

@@ -17,7 +17,7 @@ recover the object's pixels from an *augmented* image and check the pipeline's m
 independent ground truth for the geometry. Objects never overlap, so their visible pixels are exactly
 their polygons.
 
-    python -m dali_scp.synthetic --out DIR [--train N] [--val M] [--seed S]
+    python -m dali_scp.synthetic --out DIR [--train N] [--val M] [--seed S] [--lvis]
 """
 from __future__ import annotations
 
@@ -176,8 +176,9 @@ def _poly_box(parts):
     return [allp[:, 0].min(), allp[:, 1].min(), allp[:, 0].max(), allp[:, 1].max()]
 
 
-def make_image(rng: np.random.Generator, img_id: int):
-    """Returns (PIL image, list of annotation dicts without ids)."""
+def make_image(rng: np.random.Generator, img_id: int, categories=CATEGORIES, cat_weights=None, crowd_prob: float = 0.15):
+    """Returns (PIL image, list of annotation dicts without ids). ``categories`` ((id, shape) pairs) are
+    drawn uniformly, or with probabilities ``cat_weights`` (the LVIS-like set's long tail)."""
     w, h = ASPECTS[rng.integers(len(ASPECTS))]
     img = Image.fromarray(smooth_background(rng, w, h))
     draw = ImageDraw.Draw(img)
@@ -190,7 +191,8 @@ def make_image(rng: np.random.Generator, img_id: int):
         (rlo, rhi) = SIZE_CLASSES[rng.choice(len(SIZE_CLASSES), p=probs / probs.sum())][0]
         radii.append(float(rng.uniform(rlo, max(rlo, min(rhi, min(w, h) * 0.3)))))
     for r in sorted(radii, reverse=True):  # large first: they are the hardest to place
-        cat, shape = CATEGORIES[rng.integers(len(CATEGORIES))]
+        k = rng.integers(len(categories)) if cat_weights is None else rng.choice(len(categories), p=cat_weights)
+        cat, shape = categories[k]
         if shape == "ring":
             r = max(r, RING_MIN_RADIUS)
         for _attempt in range(25):
@@ -213,7 +215,7 @@ def make_image(rng: np.random.Generator, img_id: int):
         anns.append(dict(image_id=img_id, category_id=int(cat), segmentation=segm, area=area,
                          bbox=[round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
                                round(box[3] - box[1], 2)], iscrowd=0, colour=[int(c) for c in colour]))
-    if rng.random() < 0.15:  # a crowd region as RLE, like COCO's crowd annotations
+    if rng.random() < crowd_prob:  # a crowd region as RLE, like COCO's crowd annotations
         anns.extend(_crowd(rng, img, draw, placed, img_id))
     return img, anns
 
@@ -246,20 +248,29 @@ def _crowd(rng, img, draw, placed, img_id):
                  iscrowd=1)]
 
 
-def write_split(root: Path, split: str, n: int, seed: int, first_id: int, quality: int = 94) -> None:
-    img_dir = root / split
-    img_dir.mkdir(parents=True, exist_ok=True)
+def draw_images(root: Path, split: str, n: int, seed: int, first_id: int, folder=None, quality: int = 94,
+                **image_kw) -> tuple[list, list]:
+    """Draw and save ``n`` images (``make_image``) into ``root / folder(image id)`` (default: ``split``);
+    returns their (image entries, annotations) with ids, before any dataset-specific fields."""
     rng = np.random.default_rng(seed)
     images, annotations = [], []
     for i in tqdm(range(n), desc=f"synthetic {split}", unit="img", leave=False):
         img_id = first_id + i
-        img, anns = make_image(rng, img_id)
+        img, anns = make_image(rng, img_id, **image_kw)
         name = f"{img_id:012d}.jpg"
+        img_dir = root / (folder(img_id) if folder else split)
+        img_dir.mkdir(parents=True, exist_ok=True)
         img.save(img_dir / name, quality=quality)
         images.append(dict(id=img_id, file_name=name, width=img.size[0], height=img.size[1]))
         for a in anns:
             a["id"] = len(annotations) + 1 + first_id * 100
             annotations.append(a)
+    return images, annotations
+
+
+def write_split(root: Path, split: str, n: int, seed: int, first_id: int, quality: int = 94) -> None:
+    (root / split).mkdir(parents=True, exist_ok=True)
+    images, annotations = draw_images(root, split, n, seed, first_id, quality=quality)
     ann_dir = root / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
     doc = dict(info=dict(description="dali-scp synthetic COCO-like dataset", seed=seed),
@@ -276,13 +287,20 @@ def generate(out: str | os.PathLike, train: int = 64, val: int = 16, seed: int =
     return root
 
 
-def default_root(train: int = 64, val: int = 16, seed: int = 0) -> Path:
-    """The embedded default dataset, generated once into a cache folder (no downloads, ever)."""
-    root = cache_dir() / f"synthetic_t{train}_v{val}_s{seed}"
+def default_root(train: int | None = None, val: int | None = None, seed: int = 0, lvis: bool = False) -> Path:
+    """The embedded default dataset (COCO-like, or LVIS-like with ``lvis``: ``dali_scp.synthetic_lvis``),
+    generated once into a cache folder (no downloads, ever)."""
+    from dali_scp import synthetic_lvis
+    train, val = train or (LVIS_DEFAULT[0] if lvis else 64), val or (LVIS_DEFAULT[1] if lvis else 16)
+    root = cache_dir() / f"synthetic{'_lvis' if lvis else ''}_t{train}_v{val}_s{seed}"
     if not (root / "SYNTHETIC").exists():
-        log.info("generating the synthetic COCO-like dataset into %s (once)", root)
-        generate(root, train, val, seed)
+        log.info("generating the synthetic %s-like dataset into %s (once)", "LVIS" if lvis else "COCO", root)
+        (synthetic_lvis.generate if lvis else generate)(root, train, val, seed)
     return root
+
+
+# The LVIS-like default: enough training images for LVIS's frequent group (>= 100 images)
+LVIS_DEFAULT = (120, 24)
 
 
 def main(argv=None) -> int:
@@ -295,18 +313,27 @@ def _main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dali_scp.synthetic", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO layout: train2017/, val2017/, annotations/)")
-    p.add_argument("--train", type=int, default=64, help="number of training images (default 64)")
-    p.add_argument("--val", type=int, default=16, help="number of validation images (default 16)")
+    p.add_argument("--train", type=int, default=None,
+                   help=f"number of training images (default 64; with --lvis {LVIS_DEFAULT[0]})")
+    p.add_argument("--val", type=int, default=None,
+                   help=f"number of validation images (default 16; with --lvis {LVIS_DEFAULT[1]})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--lvis", action="store_true",
+                   help="LVIS v1's format instead: annotations/lvis_v1_{train,val}.json, images named by coco_url "
+                        "(some val images in train2017/), long-tailed categories of all three frequency groups, "
+                        "negative and not-exhaustive category lists (read it with --dataset lvis)")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
+    a.train = a.train if a.train is not None else (LVIS_DEFAULT[0] if a.lvis else 64)
+    a.val = a.val if a.val is not None else (LVIS_DEFAULT[1] if a.lvis else 16)
     for name, n in (("--train", a.train), ("--val", a.val)):
         if n < 1:
             p.error(f"{name} must be at least 1, not {n}")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    root = generate(out, a.train, a.val, a.seed)
+    from dali_scp import synthetic_lvis
+    root = (synthetic_lvis.generate if a.lvis else generate)(out, a.train, a.val, a.seed)
     print(f"wrote {a.train} train + {a.val} val images to {root}")
     return 0
 

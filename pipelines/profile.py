@@ -180,9 +180,9 @@ def machine_facts() -> dict:
 
 
 def run(pipelines, coco_root=None, device="cpu", batch=8, threads=2, iters=20, warmup=3, baseline=False,
-        out_size=None, progress=True) -> dict:
+        out_size=None, progress=True, dataset: str = "coco") -> dict:
     from dali_scp.check import checked_annotations
-    split = ds.resolve(coco_root, "train2017")
+    split = ds.resolve(coco_root, "train2017", dataset)
     ann, _ = checked_annotations(split.annotations, split.images_dir, progress=progress)
     ann = str(ann)
     out = dict(machine=machine_facts(), dataset=str(split.root), results=[])
@@ -249,6 +249,7 @@ def _main(argv=None) -> int:
     p.add_argument("--pipeline", nargs="+", default=["all"], choices=list(PIPELINES) + ["all"],
                    help="one or more pipelines, or all (default)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
+    cli.add_dataset_flag(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="DALI threads (= baseline DataLoader workers)")
@@ -261,7 +262,8 @@ def _main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = list(PIPELINES) if "all" in a.pipeline else list(dict.fromkeys(a.pipeline))
-    out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size)
+    out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size,
+              dataset=a.dataset)
     out["command"] = "python -m pipelines.profile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(out))
     if a.json:

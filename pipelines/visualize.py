@@ -77,10 +77,10 @@ def render_sample(image: np.ndarray, target: dict, names, tile: int = 512) -> Im
 
 
 def make_grid(pipeline: str, coco_root=None, device: str = "cpu", n: int = 8, seed: int = 0, tile: int = 384,
-              cols: int = 4, split: str = "train2017") -> Image.Image:
+              cols: int = 4, split: str = "train2017", dataset: str = "coco") -> Image.Image:
     from dali_scp.check import checked_annotations
     from pipelines.iterator import CocoLoader
-    sp = ds.resolve(coco_root, split)
+    sp = ds.resolve(coco_root, split, dataset)
     ann, rep = checked_annotations(sp.annotations, sp.images_dir)
     if rep.kept_images == 0:
         raise ValueError(f"{sp.annotations}: no image left to draw (see `python -m dali_scp.check`)")
@@ -118,6 +118,7 @@ def _main(argv=None) -> int:
     p.add_argument("--pipeline", default="ssj_scp", choices=list(PIPELINES), help="augmentation preset")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="train2017")
+    cli.add_dataset_flag(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--num", type=int, default=8,
                    help="samples (= batch size, copy-paste pairs within it; at most the dataset's images)")
@@ -129,7 +130,7 @@ def _main(argv=None) -> int:
     if a.num < 1:
         p.error(f"--num must be at least 1, not {a.num}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split)
+    grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split, dataset=a.dataset)
     try:
         grid.save(a.out)
     except (OSError, ValueError) as e:

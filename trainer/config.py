@@ -20,11 +20,16 @@ log = logging.getLogger("trainer")
 
 
 def resolve_recipe(a) -> Recipe:
-    """``--preset``; else ``demo`` without a dataset, the 90k recipe of ``--pipeline`` with one."""
+    """``--preset``; else ``demo`` without a dataset, the 90k recipe of ``--pipeline`` with one; for
+    ``--dataset lvis``: ``demo_lvis`` without one, ``r50_lsj_scp_lvis`` (``r50_lsj_lvis`` for ``--pipeline
+    lsj``) with one."""
+    lvis = getattr(a, "dataset", "coco") == "lvis"
     if a.preset:
         r = get_recipe(a.preset)
     elif a.coco_root is None:
-        r = get_recipe("demo")
+        r = get_recipe("demo_lvis" if lvis else "demo")
+    elif lvis:
+        r = get_recipe("r50_lsj_lvis" if a.pipeline == "lsj" else "r50_lsj_scp_lvis")
     else:
         r = get_recipe(f"r50_{a.pipeline or 'ssj_scp'}_90k")
     if a.pipeline and a.pipeline != r.pipeline:
@@ -44,6 +49,7 @@ class RunConfig:
     recipe: Recipe                 # with --pipeline and --checkpoint-every applied
     split: ds.CocoSplit            # the training split
     coco_root: str | None          # None: the embedded synthetic dataset
+    dataset: str                   # its layout and evaluation: "coco" or "lvis"
     run_dir: Path
     device: str                    # "cpu" or "cuda"
     world_size: int
@@ -66,12 +72,13 @@ class RunConfig:
         """Resolve the command line (``trainer.run.parse_args``) for ``world_size`` processes on
         ``device``. Resolves the dataset first: a wrong path fails before anything is created."""
         r = resolve_recipe(a)
-        split = ds.resolve(a.coco_root, "train2017")
+        dataset = getattr(a, "dataset", "coco")
+        split = ds.resolve(a.coco_root, "train2017", dataset)
         if a.checkpoint_every:
             r = replace(r, checkpoint_every=a.checkpoint_every)
         per_proc = a.batch_size or max(r.total_batch // world_size, 1)
         total = per_proc * world_size
-        return cls(recipe=r, split=split, coco_root=a.coco_root, run_dir=Path(a.out or f"runs/{r.name}_{r.pipeline}"),
+        return cls(recipe=r, split=split, coco_root=a.coco_root, dataset=dataset, run_dir=Path(a.out or f"runs/{r.name}_{r.pipeline}"),
                    device=device, world_size=world_size, batch_per_process=per_proc,
                    lr=r.lr * total / r.total_batch, max_iters=a.max_iters or r.max_iters, amp=a.amp, seed=a.seed,
                    sync_bn=r.norm == "SyncBN" and world_size > 1 and device == "cuda", resume=a.resume,
@@ -98,6 +105,6 @@ class RunConfig:
         return dict(recipe=r.as_dict(), resolved=dict(
             pipeline=r.pipeline, device=self.device, world_size=self.world_size,
             batch_per_process=self.batch_per_process, total_batch=self.total_batch, lr=self.lr,
-            max_iters=self.max_iters, amp=self.amp, seed=self.seed, dataset=str(split.root),
+            max_iters=self.max_iters, amp=self.amp, seed=self.seed, dataset=str(split.root), dataset_kind=self.dataset,
             synthetic=split.synthetic, num_classes=split.num_classes, sync_bn=self.sync_bn,
             repeat_threshold=self.repeat_threshold, init_from=self.init_from))

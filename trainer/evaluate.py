@@ -2,6 +2,7 @@
 
     python -m trainer.evaluate --checkpoint RUN/ckpt_00090000.pth [--coco-root DIR] [--split val2017]
     python -m trainer.evaluate --results results.json [--coco-root DIR]   # score results from elsewhere
+    python -m trainer.evaluate --checkpoint CKPT --coco-root DIR --dataset lvis  # LVIS's federated AP
 
 Images go through a DALI evaluation pipeline (decode, resize keeping aspect as the recipe says -
 mmdetection tests at 1333x800 - pad, no augmentation). Boxes are mapped back to the original image,
@@ -21,6 +22,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -165,6 +167,21 @@ def score(gt: COCO, results: list, iou_types=("bbox", "segm"), verbose: bool = F
     return metrics
 
 
+class Scoring(NamedTuple):
+    """A dataset kind's evaluation: COCOeval here, LVIS's federated rules in ``trainer.lvis_eval``."""
+    load_ground_truth: Callable
+    score: Callable          # (ground truth, results) -> {type: {stat name: value}}
+    format_table: Callable
+    stat_names: list
+
+
+def scoring(dataset: str = "coco") -> Scoring:
+    if dataset == "lvis":
+        from trainer import lvis_eval
+        return Scoring(lvis_eval.load_ground_truth, lvis_eval.score, lvis_eval.format_table, lvis_eval.STAT_NAMES)
+    return Scoring(load_ground_truth, score, format_table, STAT_NAMES)
+
+
 def format_table(metrics: dict) -> str:
     head = f"{'':6s}" + "".join(f"{n:>7s}" for n in STAT_NAMES)
     rows = [head] + [f"{t:6s}" + "".join(f"{100 * m[n]:7.1f}" for n in STAT_NAMES) for t, m in metrics.items()]
@@ -214,11 +231,12 @@ def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: 
     if not d.is_main:
         return None, None
     results, scored = merge_rank_results(gathered)
-    gt = load_ground_truth(split.annotations)
+    sc = scoring(split.dataset)
+    gt = sc.load_ground_truth(split.annotations)
     expected = {im["id"] for im in json.loads(Path(ann).read_text())["images"]}
     if sorted(scored) != sorted(expected):
         raise RuntimeError(f"evaluation scored {len(scored)} images, expected each of {len(expected)} once")
-    metrics = score(gt, results) if results else {t: {n: 0.0 for n in STAT_NAMES} for t in ("bbox", "segm")}
+    metrics = sc.score(gt, results) if results else {t: {n: 0.0 for n in sc.stat_names} for t in ("bbox", "segm")}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -289,25 +307,27 @@ def _main(argv=None) -> int:
     src.add_argument("--results", help="an existing COCO results JSON to score (no model)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="val2017")
+    cli.add_dataset_flag(p)
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch per process")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    split = ds.resolve(a.coco_root, a.split)
+    split = ds.resolve(a.coco_root, a.split, a.dataset)
+    sc = scoring(a.dataset)
     if a.results:
-        gt = load_ground_truth(split.annotations)
+        gt = sc.load_ground_truth(split.annotations)
         try:
             results = json.loads(Path(a.results).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{a.results}: cannot read results JSON ({e})") from e
         validate_results(results, gt, a.results)
-        metrics = score(gt, results)
+        metrics = sc.score(gt, results)
         if a.out:
             Path(a.out).mkdir(parents=True, exist_ok=True)
             (Path(a.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(format_table(metrics))
+        print(sc.format_table(metrics))
         return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = dist_utils.init(device)
@@ -317,7 +337,7 @@ def _main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
     metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
     if d.is_main:
-        print(format_table(metrics))
+        print(sc.format_table(metrics))
         print(f"results and metrics written to {out}")
     dist_utils.cleanup(d)
     return 0

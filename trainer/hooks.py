@@ -145,14 +145,14 @@ class FinalEvaluation(HookBase):
     def after_train(self):
         if not self.trainer.finished:
             return
-        from trainer.evaluate import evaluate_model, format_table
+        from trainer.evaluate import evaluate_model, scoring
         cfg, it = self.cfg, self.trainer.iter
-        val = ds.resolve(cfg.coco_root, "val2017")
+        val = ds.resolve(cfg.coco_root, "val2017", cfg.dataset)
         self.metrics, _ = evaluate_model(self.model, val, cfg.recipe.eval_resize, cfg.device,
                                          max(cfg.batch_per_process, 1), self.d, cfg.run_dir / "eval_val2017")
         if self.d.is_main:
-            print(f"\nCOCO evaluation on {val.root.name}/val2017 after {it} iterations:")
-            print(format_table(self.metrics))
+            print(f"\n{cfg.dataset.upper()} evaluation on {val.root.name}/val2017 after {it} iterations:")
+            print(scoring(cfg.dataset).format_table(self.metrics))
             self.mlog.write(it, {f"{t}_{k}": v for t, m in self.metrics.items() for k, v in m.items()}, prefix="val")
             from trainer.showcase import after_evaluation
             self.picture = after_evaluation(val, cfg.run_dir)

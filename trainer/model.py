@@ -100,6 +100,7 @@ def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None =
         mask_predictor=MaskRCNNPredictor(hc, hc, num_classes),
         box_predictor=FastRCNNPredictor(4 * hc, num_classes),
         rpn_post_nms_top_n_train=recipe.rpn_post_nms_train, box_batch_size_per_image=recipe.rois_per_image,
+        box_detections_per_img=recipe.detections_per_image, box_score_thresh=recipe.score_threshold,
         min_size=recipe.image_size, max_size=recipe.image_size)
     seed_style(model, recipe)
     model.transform = PipelineTransform(recipe.image_size, recipe.image_size, IMAGENET_MEAN, IMAGENET_STD,

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 -m trainer.run --preset r50_ssj_scp_90k --coco-root /data/coco --amp
 
 Without --preset: the ``demo`` recipe on the synthetic dataset when no --coco-root is given, else
-``r50_{pipeline}_90k``. The per-process batch defaults to the recipe's total batch / world size; any
+``r50_{pipeline}_90k``; with ``--dataset lvis``, ``demo_lvis`` on the synthetic LVIS-like set, else
+``r50_lsj_scp_lvis``. The per-process batch defaults to the recipe's total batch / world size; any
 other total batch scales the learning rate linearly (logged). Checkpoints are written atomically every
 ``checkpoint_every`` iterations; --resume continues the latest one exactly (model, optimiser, scheduler,
 AMP scaler, RNG and the DALI data stream).
@@ -37,12 +38,14 @@ log = logging.getLogger("trainer")
 
 
 def parse_args(argv=None):
+    from dali_scp import cli
     p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", choices=list(PIPELINES), default=None,
                    help="input pipeline (default: the preset's)")
     p.add_argument("--preset", choices=list(RECIPES), default=None, help="training recipe (see dali_scp/presets.py)")
     p.add_argument("--coco-root", default=None, help="COCO root; default: the embedded synthetic dataset")
+    cli.add_dataset_flag(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>_<pipeline>)")
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (schedule unchanged)")
     p.add_argument("--batch-size", type=int, default=None, help="images per process (default: total batch / world)")
@@ -66,7 +69,6 @@ def parse_args(argv=None):
     p.add_argument("--record-image-ids", action="store_true",
                    help="write the image ids each rank trained on and a digest of its final weights to "
                         "rank<R>_debug.json (checks sharding and DDP sync)")
-    from dali_scp import cli
     cli.add_debug_flag(p)
     return p.parse_args(argv)
 

@@ -32,7 +32,8 @@ def pick_images(gt, n: int) -> list:
 
 
 def _load(images_dir: Path, info: dict) -> np.ndarray:
-    im = Image.open(images_dir / info["file_name"])
+    from dali_scp.lvis import image_file
+    im = Image.open(images_dir / image_file(info))
     if im.size != (info["width"], info["height"]):  # annotated in the EXIF-oriented frame
         im = ImageOps.exif_transpose(im)
     return np.asarray(im.convert("RGB"))
@@ -135,13 +136,15 @@ def main(argv=None) -> int:
     p.add_argument("--results", required=True, help="COCO results JSON (e.g. RUN/eval_val2017/results.json)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="val2017")
+    from dali_scp import cli
+    cli.add_dataset_flag(p)
     p.add_argument("--num", type=int, default=4, help="images to draw (default 4)")
     p.add_argument("--score-thr", type=float, default=SCORE_THR, help=f"draw predictions >= this (default {SCORE_THR})")
     p.add_argument("--tile", type=int, default=320, help="tile size in px")
     p.add_argument("--out", required=True, help="output PNG")
     a = p.parse_args(argv)
     try:
-        split = ds.resolve(a.coco_root, a.split)
+        split = ds.resolve(a.coco_root, a.split, a.dataset)
         out = write_picture(split.annotations, split.images_dir, a.results, a.out, a.num, a.score_thr, a.tile)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
