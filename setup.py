@@ -18,6 +18,7 @@ setup(
         "torch>=2.1",
         "torchvision>=0.16",
         "pycocotools>=2.0.6",
+        "faster-coco-eval>=1.8",
         "pillow>=9",
         "scipy>=1.9",
         "tqdm>=4.60",
