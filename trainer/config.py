@@ -59,6 +59,7 @@ class RunConfig:
     evaluate: bool = True
     record_image_ids: bool = False
     repeat_threshold: float = 0.0  # the recipe's unless --repeat-threshold
+    eval_every: int = 0            # --eval-every: val AP every N iterations, best.pth; 0 = off
 
     @classmethod
     def from_args(cls, a, world_size: int, device: str) -> RunConfig:
@@ -68,6 +69,8 @@ class RunConfig:
         split = ds.resolve(a.coco_root, "train2017")
         if a.checkpoint_every:
             r = replace(r, checkpoint_every=a.checkpoint_every)
+        if (a.eval_every or 0) < 0:
+            raise ValueError(f"--eval-every {a.eval_every}: give a number of iterations (0: off)")
         per_proc = a.batch_size or max(r.total_batch // world_size, 1)
         total = per_proc * world_size
         return cls(recipe=r, split=split, coco_root=a.coco_root, run_dir=Path(a.out or f"runs/{r.name}_{r.pipeline}"),
@@ -75,7 +78,7 @@ class RunConfig:
                    lr=r.lr * total / r.total_batch, max_iters=a.max_iters or r.max_iters, amp=a.amp, seed=a.seed,
                    sync_bn=r.norm == "SyncBN" and world_size > 1 and device == "cuda", resume=a.resume,
                    threads=a.threads or default_threads(), backbone_weights=a.backbone_weights,
-                   evaluate=not a.no_eval, record_image_ids=a.record_image_ids,
+                   evaluate=not a.no_eval, record_image_ids=a.record_image_ids, eval_every=a.eval_every or 0,
                    repeat_threshold=r.repeat_threshold if a.repeat_threshold is None else a.repeat_threshold)
 
     @property
@@ -98,4 +101,4 @@ class RunConfig:
             batch_per_process=self.batch_per_process, total_batch=self.total_batch, lr=self.lr,
             max_iters=self.max_iters, amp=self.amp, seed=self.seed, dataset=str(split.root),
             synthetic=split.synthetic, num_classes=split.num_classes, sync_bn=self.sync_bn,
-            repeat_threshold=self.repeat_threshold))
+            repeat_threshold=self.repeat_threshold, eval_every=self.eval_every))

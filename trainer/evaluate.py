@@ -360,6 +360,7 @@ def _main(argv=None) -> int:
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    loaded = load_model_from_checkpoint(a.checkpoint) if a.checkpoint else None  # a bad file: before any work
     split = ds.resolve(a.coco_root, a.split)
     if a.results:
         gt = load_ground_truth(split.annotations, a.scorer)
@@ -374,7 +375,7 @@ def _main(argv=None) -> int:
         return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = dist_utils.init(device)
-    model, recipe, _ = load_model_from_checkpoint(a.checkpoint)
+    model, recipe, _ = loaded
     model.to(device)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
     metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out, scorer=a.scorer)
