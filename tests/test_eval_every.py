@@ -6,18 +6,9 @@ import json
 import pytest
 import torch
 
+from test_trainer import _train, _weights
 from trainer import checkpoint as ckpt
 from trainer import run as run_mod
-
-
-def _train(out, root, *extra):
-    a = run_mod.parse_args(["--preset", "demo", "--coco-root", str(root), "--no-eval", "--threads", "2",
-                            "--out", str(out), "--batch-size", "2", *extra])
-    return run_mod.train(a)
-
-
-def _weights(run_dir):
-    return ckpt.load(ckpt.latest(run_dir))["model"]
 
 
 def test_eval_every_logs_keeps_best_and_leaves_training_exact(small_root, tmp_path):
