@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -191,14 +192,25 @@ def _trainer_evaluate(gt_path: Path, res_path: Path, scorer: str, stages: bool) 
     return total, stats, stages
 
 
+def _other_checkout(checkout: Path, gt_path: Path, res_path: Path) -> float:
+    """``trainer.evaluate --results`` of a checkout of this project in its own process, as a user runs
+    it (start-up included)."""
+    root, split = gt_path.parent.parent, gt_path.stem.removeprefix("instances_")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "trainer.evaluate", "--results", str(res_path), "--coco-root", str(root),
+                    "--split", split], cwd=checkout, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def time_evaluation(root_or_gt_json, n_dets: int = 100, seed: int = 1, progress: bool = True,
-                    trainer_scorers=("faster-coco-eval",)) -> dict:
+                    trainer_scorers=("faster-coco-eval",), other_checkout=None) -> dict:
     """Times of COCO evaluation of ``n_dets`` generated results per image of a ground truth: a COCO
     root (its ``annotations/instances_val2017.json``) or an instances JSON. Returns seconds for
     pycocotools alone, faster-coco-eval alone, trainer.evaluate --results with each of
     ``trainer_scorers`` (the first one also by stage), the ratio asked of it (trainer.evaluate with the
     default scorer / pycocotools alone), and the largest difference between the scorers' 12 numbers of
-    bbox and segm."""
+    bbox and segm. ``other_checkout``: also time trainer.evaluate --results of that checkout (a
+    before/after in one run)."""
     p = Path(root_or_gt_json)
     gt_path = p if p.is_file() else p / "annotations" / "instances_val2017.json"
     gt = json.loads(gt_path.read_text())
@@ -219,6 +231,10 @@ def time_evaluation(root_or_gt_json, n_dets: int = 100, seed: int = 1, progress:
             out[f"trainer_evaluate_{scorer}_s"] = total
             if stages:
                 out[f"trainer_evaluate_{scorer}_stages"] = stages
+        if other_checkout:
+            out["other_checkout"] = str(other_checkout)
+            out["other_checkout_trainer_evaluate_s"] = _other_checkout(Path(other_checkout), gt_path, res_path)
+            out["this_checkout_trainer_evaluate_process_s"] = _other_checkout(ROOT, gt_path, res_path)  # same terms
     ref = np.asarray([stats["pycocotools"][t] for t in ("bbox", "segm")])
     out["max_stat_difference"] = float(max(np.abs(np.asarray([s[t] for t in ("bbox", "segm")]) - ref).max()
                                            for s in stats.values()))
@@ -236,12 +252,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--both-scorers", action="store_true",
                    help="also time trainer.evaluate --scorer pycocotools (a few more minutes)")
+    p.add_argument("--other-checkout", default=None, metavar="DIR",
+                   help="also time trainer.evaluate --results of this checkout of the project (e.g. a git worktree "
+                        "of the commit before a change), in the same run")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         gt = a.gt or write_root(Path(tmp) / "root", make_ground_truth(a.images, a.seed))
         r = time_evaluation(gt, a.dets, a.seed + 1,
                             trainer_scorers=("faster-coco-eval", "pycocotools") if a.both_scorers else
-                            ("faster-coco-eval",))
+                            ("faster-coco-eval",), other_checkout=a.other_checkout)
     print(json.dumps({k: v for k, v in r.items() if k != "stats_pycocotools"}, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
