@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -130,11 +131,27 @@ def write_root(root: Path, gt: dict, split: str = "val2017") -> Path:
     return path
 
 
-def _direct(library: str, gt_path: Path, res_path: Path) -> tuple[float, dict]:
+class Clock:
+    """Wall and CPU seconds of a block (CPU: this process's threads and its finished children), so a
+    figure taken while other work shares the cores still says what the work costs."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, self._cpu() - self.cpu
+
+    @staticmethod
+    def _cpu() -> float:
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + c.ru_utime + c.ru_stime
+
+
+def _direct(library: str, gt_path: Path, res_path: Path) -> tuple[Clock, dict]:
     """What a user of the library alone would run: ground truth, results file, COCOeval bbox and segm
     (segm scored from the masks alone, as trainer.evaluate does)."""
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with Clock() as clock, contextlib.redirect_stdout(io.StringIO()):
         if library == "pycocotools":
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval as Eval
@@ -156,20 +173,19 @@ def _direct(library: str, gt_path: Path, res_path: Path) -> tuple[float, dict]:
             e.accumulate()
             e.summarize()
             stats[t] = [float(v) for v in e.stats[:12]]
-    return time.perf_counter() - t0, stats
+    return clock, stats
 
 
-def _trainer_evaluate(gt_path: Path, res_path: Path, scorer: str, stages: bool) -> tuple[float, dict, dict]:
+def _trainer_evaluate(gt_path: Path, res_path: Path, scorer: str, stages: bool) -> tuple[Clock, dict, dict]:
     """``trainer.evaluate --results`` end to end (in this process), then (``stages``) its stages one by
     one."""
     from trainer import evaluate as ev
     root = gt_path.parent.parent
     split = gt_path.stem.removeprefix("instances_")
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        t0 = time.perf_counter()
-        rc = ev.main(["--results", str(res_path), "--coco-root", str(root), "--split", split, "--out", out,
-                      "--scorer", scorer])
-        total = time.perf_counter() - t0
+        with Clock() as total:
+            rc = ev.main(["--results", str(res_path), "--coco-root", str(root), "--split", split, "--out", out,
+                          "--scorer", scorer])
         assert rc == 0, f"trainer.evaluate --results exited {rc}"
         metrics = json.loads((Path(out) / "metrics.json").read_text())
     stats = {k: [m[n] for n in ev.STAT_NAMES] for k, m in metrics.items()}
@@ -192,14 +208,14 @@ def _trainer_evaluate(gt_path: Path, res_path: Path, scorer: str, stages: bool) 
     return total, stats, stages
 
 
-def _other_checkout(checkout: Path, gt_path: Path, res_path: Path) -> float:
+def _other_checkout(checkout: Path, gt_path: Path, res_path: Path) -> Clock:
     """``trainer.evaluate --results`` of a checkout of this project in its own process, as a user runs
     it (start-up included)."""
     root, split = gt_path.parent.parent, gt_path.stem.removeprefix("instances_")
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "trainer.evaluate", "--results", str(res_path), "--coco-root", str(root),
-                    "--split", split], cwd=checkout, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    with Clock() as clock:
+        subprocess.run([sys.executable, "-m", "trainer.evaluate", "--results", str(res_path), "--coco-root",
+                        str(root), "--split", split], cwd=checkout, check=True, capture_output=True)
+    return clock
 
 
 def time_evaluation(root_or_gt_json, n_dets: int = 100, seed: int = 1, progress: bool = True,
@@ -225,20 +241,24 @@ def time_evaluation(root_or_gt_json, n_dets: int = 100, seed: int = 1, progress:
                    results_mb=round(res_path.stat().st_size / 2**20, 1))
         stats = {}
         for lib in ("pycocotools", "faster-coco-eval"):
-            out[f"{lib}_alone_s"], stats[lib] = _direct(lib, gt_path, res_path)
+            c, stats[lib] = _direct(lib, gt_path, res_path)
+            out[f"{lib}_alone_s"], out[f"{lib}_alone_cpu_s"] = c.wall, c.cpu
         for k, scorer in enumerate(trainer_scorers):
             total, stats[f"trainer_{scorer}"], stages = _trainer_evaluate(gt_path, res_path, scorer, k == 0)
-            out[f"trainer_evaluate_{scorer}_s"] = total
+            out[f"trainer_evaluate_{scorer}_s"], out[f"trainer_evaluate_{scorer}_cpu_s"] = total.wall, total.cpu
             if stages:
                 out[f"trainer_evaluate_{scorer}_stages"] = stages
         if other_checkout:
             out["other_checkout"] = str(other_checkout)
-            out["other_checkout_trainer_evaluate_s"] = _other_checkout(Path(other_checkout), gt_path, res_path)
-            out["this_checkout_trainer_evaluate_process_s"] = _other_checkout(ROOT, gt_path, res_path)  # same terms
+            for name, where in (("other_checkout", Path(other_checkout)), ("this_checkout", ROOT)):  # same terms
+                c = _other_checkout(where, gt_path, res_path)
+                out[f"{name}_trainer_evaluate_process_s"], out[f"{name}_trainer_evaluate_process_cpu_s"] = c.wall, c.cpu
     ref = np.asarray([stats["pycocotools"][t] for t in ("bbox", "segm")])
     out["max_stat_difference"] = float(max(np.abs(np.asarray([s[t] for t in ("bbox", "segm")]) - ref).max()
                                            for s in stats.values()))
     out["trainer_evaluate_vs_pycocotools"] = out[f"trainer_evaluate_{trainer_scorers[0]}_s"] / out["pycocotools_alone_s"]
+    out["trainer_evaluate_vs_pycocotools_cpu"] = (out[f"trainer_evaluate_{trainer_scorers[0]}_cpu_s"]
+                                                  / out["pycocotools_alone_cpu_s"])
     out["stats_pycocotools"] = stats["pycocotools"]
     return out
 
