@@ -6,7 +6,7 @@ states, DALI data-stream state, iteration).
 
 Checkpoints are read with ``weights_only=True``: a checkpoint is data (tensors, numbers, strings, lists,
 dicts), so everything here is stored in those forms (the NumPy RNG state as a tensor and numbers, the
-DALI state as a string), and a ``.pth`` whose pickle asks for anything else (``os.system``, a class from
+data stream's as numbers and DALI's string), and a ``.pth`` whose pickle asks for anything else (``os.system``, a class from
 some module) is refused before any of it runs."""
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def save_best(run_dir: Path, state: dict) -> Path:
 # name, the uint32 dtype's and the array's state from raw data); none imports or calls anything else,
 # so allowing them, for this load only, keeps a run started before the change resumable without
 # opening the door weights_only closes. (Name under NumPy 1.x: numpy.core.multiarray._reconstruct.)
-_LEGACY_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct,
-                 (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+_reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+_LEGACY_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct,
+                 (_reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
 def load(path: Path) -> dict:
