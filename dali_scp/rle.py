@@ -44,7 +44,7 @@ def rle_runs(counts: str) -> list:
 
 
 
-def compressed_run_totals(counts: list, chunk_chars: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+def compressed_run_totals(counts: list, chunk_chars: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """For many compressed RLE strings at once: (pixels each one's runs cover [int64], whether each is
     well formed [bool]: characters in range, no number cut off at its end, no negative run; what
     ``rle_runs`` accepts). A COCO results file holds one string per detection (500,000 at COCO's size);
@@ -64,46 +64,54 @@ def compressed_run_totals(counts: list, chunk_chars: int = 1 << 24) -> tuple[np.
 
 def _run_totals_chunk(counts: list, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(counts)
+    totals, bad = np.zeros(n, np.int64), np.zeros(n, bool)
     try:
-        c = np.frombuffer("".join(counts).encode("ascii"), np.uint8).astype(np.int64) - 48
+        c = np.frombuffer("".join(counts).encode("ascii"), np.uint8) - np.uint8(48)  # < 48 wraps to >= 208
     except UnicodeEncodeError:  # a character outside ASCII: one by one (rare, and an error anyway)
-        totals, ok = np.zeros(n, np.int64), np.zeros(n, bool)
         for k, s in enumerate(counts):
             try:
                 runs = rle_runs(s)
             except ValueError:
+                bad[k] = True
                 continue
-            totals[k], ok[k] = sum(runs), all(r >= 0 for r in runs)
-        return totals, ok
-    sid = np.repeat(np.arange(n), lens)  # the string of each character
-    bad = np.bincount(sid, weights=(c < 0) | (c >= 64), minlength=n) > 0
+            totals[k], bad[k] = sum(runs), any(r < 0 for r in runs)
+        return totals, ~bad
+    if not len(c):
+        return totals, ~bad
+    ends = np.cumsum(lens)  # one past each string's last character
+    wrong = np.flatnonzero(c >= 64)  # characters rle_runs refuses (usually none)
+    bad[np.searchsorted(ends, wrong, side="right")] = True
     term = (c & 0x20) == 0  # the last character of a number
-    last = np.cumsum(lens)[lens > 0] - 1
+    last = ends[lens > 0] - 1
     bad[lens > 0] |= ~term[last]  # the string ends inside a number ...
     term[last] = True  # ... which then ends with it (the next string's first number stays its own)
     num_end = np.flatnonzero(term)
-    num_start = np.concatenate([[0], num_end[:-1] + 1]).astype(np.int64)
+    num_start = np.empty_like(num_end)
+    num_start[0], num_start[1:] = 0, num_end[:-1] + 1
     nlen = num_end - num_start + 1
-    k = np.arange(len(c)) - np.repeat(num_start, nlen)  # the character's place in its number
-    vals = np.where(k < 7, (c & 0x1F) << (5 * np.minimum(k, 6)), 0)  # 7 characters: 35 bits, any image
-    x = np.add.reduceat(vals, num_start) if len(c) else np.zeros(0, np.int64)
-    x -= np.where((c[num_end] & 0x10) != 0, np.int64(1) << (5 * np.minimum(nlen, 7)), 0)  # negative
-    nsid = sid[num_start]  # the string of each number
-    first = np.searchsorted(nsid, np.arange(n))  # its first number
-    m = np.arange(len(x)) - first[nsid]  # the number's place in its string
-    # COCO's delta coding: run m > 2 is x[m] + run m-2, i.e. a running sum over x[1], x[3], ... and
-    # over x[2], x[4], ... within the string
-    odd, even = m % 2 == 1, (m % 2 == 0) & (m >= 2)
+    x = (c[num_start] & 0x1F).astype(np.int64)  # 5 bits a character, first character lowest
+    for k in range(1, min(int(nlen.max()), 7)):  # most numbers have one or two characters
+        more = np.flatnonzero(nlen > k)
+        x[more] += (c[num_start[more] + k] & 0x1F).astype(np.int64) << (5 * k)
+    neg = np.flatnonzero(c[num_end] & 0x10)
+    x[neg] -= np.int64(1) << (5 * np.minimum(nlen[neg], 7))  # a negative number
+    first = np.empty(n + 1, np.int64)  # each string's first number; first[n]: how many in all
+    first[0], first[1:] = 0, np.searchsorted(num_end, ends - 1, side="right")
+    per = np.diff(first)
+    m = np.arange(len(x)) - np.repeat(first[:-1], per)  # the number's place in its string
+    # COCO's delta coding: run m > 2 is x[m] + run m-2, i.e. running sums over x[1], x[3], ... and over
+    # x[2], x[4], ... within the string
+    odd = (m & 1).astype(bool)
+    even = ~odd & (m >= 2)
     co, ce = np.cumsum(np.where(odd, x, 0)), np.cumsum(np.where(even, x, 0))
-    before = first[nsid] - 1
-    co_0 = np.where(before >= 0, co[np.maximum(before, 0)], 0)
-    ce_0 = np.where(before >= 0, ce[np.maximum(before, 0)], 0)
-    runs = np.where(odd, co - co_0, np.where(even, ce - ce_0, x))
-    bad |= np.bincount(nsid, weights=(runs < 0) | (nlen > 7), minlength=n) > 0
-    totals = np.zeros(n, np.int64)
-    has = np.bincount(nsid, minlength=n) > 0
-    if has.any():
-        totals[has] = np.add.reduceat(runs, first[has])
+    before = np.maximum(first[:-1] - 1, 0)
+    co0 = np.repeat(np.where(first[:-1] > 0, co[before], 0), per)  # the sums before the string
+    ce0 = np.repeat(np.where(first[:-1] > 0, ce[before], 0), per)
+    runs = np.where(odd, co - co0, np.where(even, ce - ce0, x))
+    flagged = np.flatnonzero((runs < 0) | (nlen > 7))  # 7 characters: 35 bits, beyond any image
+    bad[np.searchsorted(first[1:], flagged, side="right")] = True
+    has = per > 0
+    totals[has] = np.add.reduceat(runs, first[:-1][has])
     return totals, ~bad
 
 def parse(seg, height: int, width: int) -> list:
