@@ -21,10 +21,10 @@ def add_debug_flag(parser) -> None:
                         help=f"on an error, show the full traceback (also {DEBUG_ENV}=1)")
 
 
-def add_dataset_flag(parser) -> None:
+def add_dataset_flag(parser, default: str | None = "coco") -> None:
     """``--dataset``: which layout ``--coco-root`` holds (``dali_scp.dataset.DATASETS``); also which
     synthetic set stands in without it, and, for evaluation, which scorer."""
-    parser.add_argument("--dataset", default="coco", choices=("coco", "lvis"),
+    parser.add_argument("--dataset", default=default, choices=("coco", "lvis"),
                         help="coco: DIR/annotations/instances_<split>.json and DIR/<split>/; lvis: LVIS v1's "
                              "DIR/annotations/lvis_v1_{train,val}.json beside COCO 2017's image folders, scored "
                              "with LVIS's federated rules (without --coco-root: the synthetic set of that kind)")

@@ -9,9 +9,7 @@ stays on the pipeline's device.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np

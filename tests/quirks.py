@@ -113,3 +113,34 @@ def mask_in_stored_frame(mask: np.ndarray, tag: int, frame: str) -> np.ndarray:
     if frame == "stored" or tag == 1:
         return mask
     return np.asarray(Image.fromarray(mask).transpose(TO_STORED[tag]))
+
+
+def perfect_inference(doc: dict, gt):
+    """A stand-in for ``trainer.evaluate.inference`` that returns the ground truth of an
+    ``oriented_dataset`` as a model looking at the stored pixels would see it: masks moved onto the
+    stored pixels with PIL, at the original size DALI reports (which identifies the image). ``gt``:
+    a COCO of the dataset's annotation file."""
+    import torch
+    from dali_scp import orientation
+    from geometry_truth import tight_box
+    by_stored_size = {}  # (h, w) of the stored pixels -> image
+    for im in doc["images"]:
+        w, h = im["width"], im["height"]
+        if im["frame"] == "oriented" and im["tag"] in orientation.TRANSPOSING:
+            w, h = h, w
+        by_stored_size[(h, w)] = im
+    cat_ids = sorted(c["id"] for c in doc["categories"])
+
+    def perfect(model, images, sizes):
+        dets = []
+        for h, w in sizes:
+            im = by_stored_size[(h, w)]  # an unknown size: the original size is not the stored one
+            anns = gt.imgToAnns[im["id"]]
+            masks = np.stack([mask_in_stored_frame(gt.annToMask(a), im["tag"], im["frame"]) for a in anns])
+            assert masks.shape[1:] == (h, w)
+            dets.append(dict(boxes=torch.tensor(np.stack([tight_box(m) for m in masks]), dtype=torch.float32),
+                             scores=torch.ones(len(anns)),
+                             labels=torch.as_tensor([cat_ids.index(a["category_id"]) + 1 for a in anns]),
+                             masks=torch.as_tensor(masks, dtype=torch.float32)[:, None]))
+        return dets
+    return perfect

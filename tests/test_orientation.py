@@ -12,7 +12,7 @@ from dali_scp.dataset import resolve
 from dali_scp.presets import pipeline_preset
 from geometry_truth import iou, match_annotation, object_pixels, tight_box, visible_core
 from pipelines.iterator import CocoLoader
-from quirks import COLOURS, mask_in_stored_frame, oriented_dataset, save_with_orientation, write_coco
+from quirks import COLOURS, oriented_dataset, perfect_inference, save_with_orientation, write_coco
 
 OUT = 256
 
@@ -119,28 +119,7 @@ def test_evaluation_maps_predictions_back_into_the_annotation_frame(exif_root, m
     root, doc = exif_root
     split = resolve(root, "train2017")
     gt = ev.load_ground_truth(split.annotations)
-    c2l = split.cat_to_label_table()
-    by_stored_size = {}  # (h, w) of the stored pixels -> image
-    for im in doc["images"]:
-        w, h = im["width"], im["height"]
-        if im["frame"] == "oriented" and im["tag"] in orientation.TRANSPOSING:
-            w, h = h, w
-        by_stored_size[(h, w)] = im
-
-    def perfect(model, images, sizes):
-        dets = []
-        for h, w in sizes:
-            im = by_stored_size[(h, w)]  # an unknown size: the original size is not the stored one
-            anns = gt.imgToAnns[im["id"]]
-            masks = np.stack([mask_in_stored_frame(gt.annToMask(a), im["tag"], im["frame"]) for a in anns])
-            assert masks.shape[1:] == (h, w)
-            dets.append(dict(boxes=torch.tensor(np.stack([tight_box(m) for m in masks]), dtype=torch.float32),
-                             scores=torch.ones(len(anns)),
-                             labels=torch.as_tensor(c2l[[a["category_id"] for a in anns]]),
-                             masks=torch.as_tensor(masks, dtype=torch.float32)[:, None]))
-        return dets
-
-    monkeypatch.setattr(ev, "inference", perfect)
+    monkeypatch.setattr(ev, "inference", perfect_inference(doc, gt))
     r = recipe("demo")
     model = torch.nn.Module()
     metrics, scored = ev.evaluate_model(model, split, r.eval_resize, "cpu", 4, Dist(), progress=False)

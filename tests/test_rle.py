@@ -83,3 +83,37 @@ def test_rle_objects_get_the_masks_of_the_same_objects_as_polygons(name, syn_roo
                 assert best >= 0.95, (a["image_id"], best)
                 compared += 1
     assert compared >= 10
+
+
+def test_bulk_run_totals_agree_with_rle_runs():
+    """evaluation validates 500,000 result masks with the bulk decoder: it must accept exactly what
+    rle_runs accepts (valid characters, no cut-off number, no negative run) with the same totals, on
+    pycocotools' own strings and on broken ones (cut, a character changed or appended, random)."""
+    import random
+    from pycocotools import mask as mask_utils
+    from dali_scp.rle import compressed_run_totals, rle_runs
+    rng, pick = np.random.default_rng(0), random.Random(0)
+    good = []
+    for _ in range(200):
+        h, w = rng.integers(1, 60, 2)
+        m = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        good.append(mask_utils.encode(np.asfortranarray(m))["counts"].decode())
+    alphabet = [chr(c) for c in range(40, 120)]
+    broken = []
+    for i in range(2000):
+        s = pick.choice(good)
+        j = int(rng.integers(len(s) + 1))
+        broken.append([s[:j], s[:j] + pick.choice(alphabet) + s[j + 1:], s + pick.choice(alphabet),
+                       "".join(pick.choice(alphabet) for _ in range(int(rng.integers(12))))][i % 4])
+    strings = good + broken + ["", "é0", "0"]
+    totals, ok = compressed_run_totals(strings, chunk_chars=997)  # chunks end inside the list
+    assert ok[:len(good)].all() and not ok.all()
+    for s, t, o in zip(strings, totals, ok):
+        try:
+            runs = rle_runs(s)
+        except ValueError:
+            assert not o, s
+            continue
+        assert o == all(r >= 0 for r in runs), s
+        if o:
+            assert t == sum(runs), s

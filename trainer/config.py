@@ -66,6 +66,7 @@ class RunConfig:
     evaluate: bool = True
     record_image_ids: bool = False
     repeat_threshold: float = 0.0  # the recipe's unless --repeat-threshold
+    eval_every: int = 0            # --eval-every: val AP every N iterations, best.pth; 0 = off
 
     @classmethod
     def from_args(cls, a, world_size: int, device: str) -> RunConfig:
@@ -76,6 +77,8 @@ class RunConfig:
         split = ds.resolve(a.coco_root, "train2017", dataset)
         if a.checkpoint_every:
             r = replace(r, checkpoint_every=a.checkpoint_every)
+        if (a.eval_every or 0) < 0:
+            raise ValueError(f"--eval-every {a.eval_every}: give a number of iterations (0: off)")
         per_proc = a.batch_size or max(r.total_batch // world_size, 1)
         total = per_proc * world_size
         return cls(recipe=r, split=split, coco_root=a.coco_root, dataset=dataset, run_dir=Path(a.out or f"runs/{r.name}_{r.pipeline}"),
@@ -84,7 +87,7 @@ class RunConfig:
                    sync_bn=r.norm == "SyncBN" and world_size > 1 and device == "cuda", resume=a.resume,
                    threads=a.threads or default_threads(), backbone_weights=a.backbone_weights,
                    init_from=getattr(a, "init_from", None),
-                   evaluate=not a.no_eval, record_image_ids=a.record_image_ids,
+                   evaluate=not a.no_eval, record_image_ids=a.record_image_ids, eval_every=a.eval_every or 0,
                    repeat_threshold=r.repeat_threshold if a.repeat_threshold is None else a.repeat_threshold)
 
     @property
@@ -107,4 +110,4 @@ class RunConfig:
             batch_per_process=self.batch_per_process, total_batch=self.total_batch, lr=self.lr,
             max_iters=self.max_iters, amp=self.amp, seed=self.seed, dataset=str(split.root), dataset_kind=self.dataset,
             synthetic=split.synthetic, num_classes=split.num_classes, sync_bn=self.sync_bn,
-            repeat_threshold=self.repeat_threshold, init_from=self.init_from))
+            repeat_threshold=self.repeat_threshold, init_from=self.init_from, eval_every=self.eval_every))

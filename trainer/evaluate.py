@@ -1,4 +1,4 @@
-"""COCO evaluation: box AP and mask AP with pycocotools' COCOeval, the numbers of the target table.
+"""COCO evaluation: box AP and mask AP with COCOeval, the numbers of the target table.
 
     python -m trainer.evaluate --checkpoint RUN/ckpt_00090000.pth [--coco-root DIR] [--split val2017]
     python -m trainer.evaluate --results results.json [--coco-root DIR]   # score results from elsewhere
@@ -12,11 +12,16 @@ marks it) gets its boxes and masks mapped from the stored pixels the model saw i
 are against the original annotation file (crowd regions, RLE objects as they are); annotation ids are
 renumbered for COCOeval when one is 0 (``load_ground_truth``). Under torchrun every rank scores its
 shard of the images and rank 0 gathers and scores; each image is scored exactly once.
+
+The scorer is faster-coco-eval (``--scorer``), a maintained C++ port of pycocotools' COCOeval: the same
+12 numbers (tests/test_scorer_parity.py holds them equal on every test set) in a fraction of the time
+at COCO's size (benchmarks/eval_scale.py); ``--scorer pycocotools`` runs the reference itself.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -27,18 +32,36 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from dali_scp import dataset as ds
 from dali_scp import orientation
-from dali_scp.rle import rle_runs
+from dali_scp.rle import compressed_run_totals, rle_runs
 from trainer import distributed as dist_utils
 from trainer.model import inference
 
 log = logging.getLogger("evaluate")
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+SCORERS = ("faster-coco-eval", "pycocotools")
+DEFAULT_SCORER = "faster-coco-eval"
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def coco_api(scorer: str = DEFAULT_SCORER):
+    """(COCO class, function (gt, dt, iou type) -> COCOeval object) of ``scorer``. faster-coco-eval's
+    COCOeval_faster logs its progress unless given a print function; pycocotools prints (``score``
+    catches its stdout)."""
+    if scorer == "faster-coco-eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+        return COCO, lambda gt, dt, t: COCOeval_faster(gt, dt, t, print_function=_silent)
+    if scorer == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        return COCO, COCOeval
+    raise ValueError(f"unknown scorer {scorer!r}: choose one of {', '.join(SCORERS)}")
 
 
 # ---------------------------------------------------------------- results
@@ -50,116 +73,171 @@ def detections_to_results(image_id: int, det: dict, label_to_cat: np.ndarray, wi
     while the model saw stored pixels (``dali_scp.orientation``): boxes and masks are mapped into the
     annotation's frame."""
     boxes = det["boxes"].detach().cpu().numpy().astype(np.float64)
-    scores = det["scores"].detach().cpu().numpy()
-    cats = label_to_cat[det["labels"].detach().cpu().numpy()]
+    scores = det["scores"].detach().cpu().tolist()
+    cats = label_to_cat[det["labels"].detach().cpu().numpy()].tolist()
     rles = []
     if orient is not None and len(boxes):
         boxes = orientation.to_oriented_boxes(boxes, *orient)
     if with_masks and "masks" in det and len(boxes):
-        m = (det["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        m = (det["masks"][:, 0] > 0.5).to(torch.uint8)  # thresholded where the masks are (the GPU)
         if orient is not None:
-            m = orientation.to_oriented_array(m, orient[0])
-        rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0)))
+            m = torch.from_numpy(np.ascontiguousarray(orientation.to_oriented_array(m.cpu().numpy(), orient[0])))
+        # each mask's columns laid out one after the other is the column-major order pycocotools
+        # encodes: transposed on the masks' device, the host encodes a view, without another copy
+        cols = m.transpose(1, 2).contiguous().cpu().numpy()  # [N, W, H]
+        rles = mask_utils.encode(cols.transpose(2, 1, 0))  # [H, W, N], Fortran-ordered
+    xywh = np.round(np.stack([boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1)
+                    if len(boxes) else boxes.reshape(0, 4), 2).tolist()
     out = []
-    for i in range(len(boxes)):
-        x0, y0, x1, y1 = boxes[i]
-        r = dict(image_id=int(image_id), category_id=int(cats[i]), score=round(float(scores[i]), 5),
-                 bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)])
+    for i in range(len(xywh)):
+        r = dict(image_id=int(image_id), category_id=cats[i], score=round(scores[i], 5), bbox=xywh[i])
         if rles:
-            seg = dict(rles[i])
-            seg["counts"] = seg["counts"].decode("ascii")
-            r["segmentation"] = seg
+            r["segmentation"] = dict(size=rles[i]["size"], counts=rles[i]["counts"].decode("ascii"))
         out.append(r)
     return out
 
 
-def validate_results(results, gt: COCO, source: str = "results") -> None:
-    """Clear errors naming the entry, instead of a KeyError inside pycocotools."""
+def read_results(path) -> list:
+    """A results JSON file, with an error naming it."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read results JSON ({e})") from e
+
+
+def _check_runs(where: str, runs, h: int, w: int) -> None:
+    """The one-entry check behind validate_results' bulk one, and its messages."""
+    if isinstance(runs, str):
+        try:
+            runs = rle_runs(runs)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: malformed RLE ({e})") from e
+    elif not isinstance(runs, list):
+        raise ValueError(f"{where}: malformed RLE (counts is a {type(runs).__name__}, not a string or a list)")
+    if any((not isinstance(x, int)) or x < 0 for x in runs) or sum(runs) != h * w:
+        raise ValueError(f"{where}: malformed RLE (runs cover {sum(runs) if runs else 0} pixels, "
+                         f"the image has {h * w})")
+
+
+def validate_results(results, gt, source: str = "results") -> None:
+    """Clear errors naming the entry, instead of a KeyError inside the scorer (or C code reading past
+    an RLE's end). ``gt``: either scorer's COCO. The compressed RLE strings (one per detection, 500,000
+    in a COCO-sized file) are decoded together (``dali_scp.rle.compressed_run_totals``); the first bad
+    one is then named with ``rle_runs``' message."""
     if not isinstance(results, list):
         raise ValueError(f"{source}: expected a JSON list of result entries, got {type(results).__name__}")
     imgs, cats = gt.imgs, set(gt.getCatIds())
+    rle_at, rle_counts, rle_pixels = [], [], []
+    number = (int, float)
     for i, r in enumerate(results):
-        where = f"{source}: entry {i}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: not an object")
+        if type(r) is not dict:
+            raise ValueError(f"{source}: entry {i}: not an object")
         iid = r.get("image_id")
-        if not isinstance(iid, int) or isinstance(iid, bool):
-            raise ValueError(f"{where}: image_id {iid!r} is not an integer")
-        if iid not in imgs:
-            raise ValueError(f"{where}: image_id {iid} is not in the ground truth")
-        where += f" (image {iid})"
+        if type(iid) is not int or iid not in imgs:
+            where = f"{source}: entry {i}"
+            if not isinstance(iid, int) or isinstance(iid, bool):
+                raise ValueError(f"{where}: image_id {iid!r} is not an integer")
+            if iid not in imgs:
+                raise ValueError(f"{where}: image_id {iid} is not in the ground truth")
         if r.get("category_id") not in cats:
-            raise ValueError(f"{where}: category_id {r.get('category_id')!r} is not in the ground truth")
+            raise ValueError(f"{source}: entry {i} (image {iid}): category_id {r.get('category_id')!r} is not in "
+                             "the ground truth")
         s = r.get("score")
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not np.isfinite(s):
-            raise ValueError(f"{where}: score {s!r} is not a finite number")
-        if "bbox" in r:
-            b = r["bbox"]
-            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)) or b[2] < 0 or b[3] < 0:
-                raise ValueError(f"{where}: bbox {b!r} is not [x, y, w, h] with w, h >= 0")
-        if "segmentation" in r:
-            seg = r["segmentation"]
-            h, w = imgs[iid]["height"], imgs[iid]["width"]
-            if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
-                raise ValueError(f"{where}: segmentation is not an RLE dict with 'size' and 'counts'")
-            if list(seg["size"]) != [h, w]:
-                raise ValueError(f"{where}: RLE size {seg['size']} differs from the image's [{h}, {w}]")
-            counts = seg["counts"]
-            try:
-                runs = counts if isinstance(counts, list) else rle_runs(counts)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{where}: malformed RLE ({e})") from e
-            if any((not isinstance(x, int)) or x < 0 for x in runs) or sum(runs) != h * w:
-                raise ValueError(f"{where}: malformed RLE (runs cover {sum(runs) if runs else 0} pixels, "
-                                 f"the image has {h * w})")
-        if "bbox" not in r and "segmentation" not in r:
-            raise ValueError(f"{where}: has neither bbox nor segmentation")
+        if type(s) not in number or not np.isfinite(s):
+            raise ValueError(f"{source}: entry {i} (image {iid}): score {s!r} is not a finite number")
+        b = r.get("bbox")
+        if b is not None or "bbox" in r:
+            if not (type(b) is list and len(b) == 4 and all(isinstance(v, number) for v in b)) or b[2] < 0 or b[3] < 0:
+                raise ValueError(f"{source}: entry {i} (image {iid}): bbox {b!r} is not [x, y, w, h] with w, h >= 0")
+        seg = r.get("segmentation")
+        if seg is None and "segmentation" not in r:
+            if b is None:
+                raise ValueError(f"{source}: entry {i} (image {iid}): has neither bbox nor segmentation")
+            continue
+        where = f"{source}: entry {i} (image {iid})"
+        h, w = imgs[iid]["height"], imgs[iid]["width"]
+        if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
+            raise ValueError(f"{where}: segmentation is not an RLE dict with 'size' and 'counts'")
+        if list(seg["size"]) != [h, w]:
+            raise ValueError(f"{where}: RLE size {seg['size']} differs from the image's [{h}, {w}]")
+        counts = seg["counts"]
+        if type(counts) is str:
+            rle_at.append(i)
+            rle_counts.append(counts)
+            rle_pixels.append(h * w)
+        else:
+            _check_runs(where, counts, h, w)
+    if rle_at:
+        totals, ok = compressed_run_totals(rle_counts)
+        bad = np.flatnonzero(~ok | (totals != np.asarray(rle_pixels, np.int64)))
+        if len(bad):
+            i = rle_at[bad[0]]
+            where = f"{source}: entry {i} (image {results[i]['image_id']})"
+            im = imgs[results[i]["image_id"]]
+            _check_runs(where, rle_counts[bad[0]], im["height"], im["width"])  # names what is wrong
+            raise ValueError(f"{where}: malformed RLE (a run length written in more than 7 characters)")
 
 
-def load_ground_truth(path) -> COCO:
-    """pycocotools' COCO for ``path``, with errors naming the file. Annotation ids are renumbered
-    1..N (logged) when any is 0, negative, missing or repeated: COCOeval stores the matched id per
-    detection and reads 0 as "unmatched" (a correct detection of an id-0 object counts as a false
-    positive), and a repeated id makes one object stand in for another. Results files carry no ids,
-    so nothing else changes; files with positive unique ids are loaded exactly as pycocotools does."""
+def _indexed(coco_cls, doc: dict):
+    gt = coco_cls()
+    gt.dataset = doc
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def load_ground_truth(path, scorer: str = DEFAULT_SCORER):
+    """The scorer's COCO for ``path``, with errors naming the file. Annotation ids are renumbered
+    1..N (logged) when any is 0, negative, missing or repeated: COCOeval (both scorers) stores the
+    matched id per detection and reads 0 as "unmatched" (a correct detection of an id-0 object counts
+    as a false positive), and a repeated id makes one object stand in for another. Results files carry
+    no ids, so nothing else changes; files with positive unique ids are loaded exactly as the library
+    loads them."""
+    coco_cls, _ = coco_api(scorer)
     try:
-        doc = json.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            doc = json.loads(f.read())
         anns = doc["annotations"]
         ids = [a.get("id") for a in anns]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from e
-    ok = all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+    ok = all(type(i) is int and i > 0 for i in ids)
     if not ok or len(set(ids)) != len(ids):
         why = ("an annotation id is 0" if 0 in ids else "annotation ids are not positive unique integers")
         log.info("%s: %s; ground-truth annotation ids renumbered 1..%d for COCOeval (it reads id 0 as "
                  "'unmatched')", path, why, len(anns))
         doc["annotations"] = [dict(a, id=k + 1) for k, a in enumerate(anns)]
-    gt = COCO()
-    gt.dataset = doc
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt.createIndex()
-    except (KeyError, TypeError, IndexError) as e:
+        return _indexed(coco_cls, doc)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
         raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from e
-    return gt
 
 
-def score(gt: COCO, results: list, iou_types=("bbox", "segm"), verbose: bool = False) -> dict:
-    """COCOeval per type; returns {type: {stat name: value}}. Each type gets its own copy of the
-    results (segm without bbox, so mask areas define small/medium/large, as detectron2 does)."""
+def score(gt, results: list, iou_types=("bbox", "segm"), verbose: bool = False,
+          scorer: str = DEFAULT_SCORER) -> dict:
+    """COCOeval per type; returns {type: {stat name: value}}. ``gt``: a COCO of either library (the
+    other one's is re-indexed from its data). Each type gets its own copy of the results (segm without
+    bbox, so mask areas define small/medium/large, as detectron2 does). No results of a type: COCOeval
+    of an empty detection set (0 where there is ground truth, -1 where there is none), not an error."""
+    coco_cls, make_eval = coco_api(scorer)
+    if not isinstance(gt, coco_cls):
+        gt = _indexed(coco_cls, gt.dataset)
     metrics = {}
     for t in iou_types:
         key = "bbox" if t == "bbox" else "segmentation"
         res = [dict(r) for r in results if key in r]
-        if not res:
-            continue
         if t == "segm":
             for r in res:
                 r.pop("bbox", None)
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink if not verbose else sys.stdout):
-            dt = gt.loadRes(res)
-            ev = COCOeval(gt, dt, t)
+            if res:
+                dt = gt.loadRes(res)
+            else:  # pycocotools' loadRes cannot take an empty list
+                dt = _indexed(coco_cls, dict(images=list(gt.dataset["images"]), annotations=[],
+                                             categories=[dict(c) for c in gt.dataset["categories"]]))
+            ev = make_eval(gt, dt, t)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -175,11 +253,13 @@ class Scoring(NamedTuple):
     stat_names: list
 
 
-def scoring(dataset: str = "coco") -> Scoring:
+def scoring(dataset: str = "coco", scorer: str = DEFAULT_SCORER) -> Scoring:
+    """``scorer`` picks the COCOeval implementation; LVIS is scored by faster-coco-eval's LVIS rules."""
     if dataset == "lvis":
         from trainer import lvis_eval
         return Scoring(lvis_eval.load_ground_truth, lvis_eval.score, lvis_eval.format_table, lvis_eval.STAT_NAMES)
-    return Scoring(load_ground_truth, score, format_table, STAT_NAMES)
+    return Scoring(functools.partial(load_ground_truth, scorer=scorer), functools.partial(score, scorer=scorer),
+                   format_table, STAT_NAMES)
 
 
 def format_table(metrics: dict) -> str:
@@ -221,9 +301,9 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
 
 
 def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: int, d: dist_utils.Dist,
-                   out_dir: Path | None = None, progress: bool = True):
+                   out_dir: Path | None = None, progress: bool = True, scorer: str = DEFAULT_SCORER):
     """Distributed-aware: returns (metrics, ids of the scored images) on rank 0, (None, None) elsewhere.
-    Fails loudly if an image of the split was not scored exactly once."""
+    Fails loudly if an image of the split was not scored exactly once. Leaves the model in eval mode."""
     from dali_scp.check import checked_annotations
     ann, _ = checked_annotations(split.annotations, split.images_dir, progress=progress)
     mine = predict(model, split, resize, device, batch_size, d, progress and d.is_main, annotations=str(ann))
@@ -231,7 +311,7 @@ def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: 
     if not d.is_main:
         return None, None
     results, scored = merge_rank_results(gathered)
-    sc = scoring(split.dataset)
+    sc = scoring(split.dataset, scorer)
     gt = sc.load_ground_truth(split.annotations)
     expected = {im["id"] for im in json.loads(Path(ann).read_text())["images"]}
     if sorted(scored) != sorted(expected):
@@ -307,35 +387,39 @@ def _main(argv=None) -> int:
     src.add_argument("--results", help="an existing COCO results JSON to score (no model)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="val2017")
-    cli.add_dataset_flag(p)
+    cli.add_dataset_flag(p, default=None)  # None: the checkpoint's (coco for --results)
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch per process")
+    p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER,
+                   help=f"COCOeval implementation (default {DEFAULT_SCORER}; pycocotools: the reference, slower)")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    loaded = load_model_from_checkpoint(a.checkpoint) if a.checkpoint else None  # a bad file: before any work
+    if a.dataset is None:  # the dataset kind the checkpoint's run trained on (coco for results files)
+        a.dataset = ((loaded[2].get("config") or {}).get("resolved", {}).get("dataset_kind", "coco")
+                     if loaded else "coco")
     split = ds.resolve(a.coco_root, a.split, a.dataset)
-    sc = scoring(a.dataset)
+    sc = scoring(a.dataset, a.scorer)
     if a.results:
         gt = sc.load_ground_truth(split.annotations)
-        try:
-            results = json.loads(Path(a.results).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{a.results}: cannot read results JSON ({e})") from e
+        results = read_results(a.results)
         validate_results(results, gt, a.results)
         metrics = sc.score(gt, results)
         if a.out:
+            from dali_scp.files import atomic_write
             Path(a.out).mkdir(parents=True, exist_ok=True)
-            (Path(a.out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            atomic_write(Path(a.out) / "metrics.json", json.dumps(metrics, indent=1))
         print(sc.format_table(metrics))
         return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = dist_utils.init(device)
-    model, recipe, state = load_model_from_checkpoint(a.checkpoint)
+    model, recipe, state = loaded
     check_classes(a.checkpoint, state, split)
     model.to(device)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
-    metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out)
+    metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out, scorer=a.scorer)
     if d.is_main:
         print(sc.format_table(metrics))
         print(f"results and metrics written to {out}")

@@ -1,12 +1,14 @@
 """The periodic work of a training run, one small object each, called by ``trainer.train_loop.Trainer``:
 metrics and the progress bar, the non-finite-loss guard, checkpoints, ``--record-image-ids`` debug
-records, and the final evaluation with its picture. ``trainer.run`` registers them in that order.
+records, ``--eval-every`` evaluations with ``best.pth``, and the final evaluation with its picture.
+``trainer.run`` registers them in that order.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 
 import torch
 from tqdm import tqdm
@@ -134,25 +136,87 @@ class RecordImageIds(HookBase):
             json.dumps(dict(image_ids=self.image_ids, weights_sha1=digest)))
 
 
+class BestCheckpoint:
+    """``best.pth``: the weights of the evaluation with the highest mask AP so far, in the form
+    ``trainer.evaluate --checkpoint`` reads (model, recipe, classes) plus the iteration and metrics.
+    A resumed run starts from the AP its ``best.pth`` records; a new run ignores an old file."""
+
+    def __init__(self, cfg: RunConfig, model, is_main: bool = True):
+        self.cfg, self.model = cfg, model
+        self.ap = -math.inf
+        path = cfg.run_dir / ckpt.BEST
+        if cfg.resume and is_main and path.is_file():
+            self.ap = float(ckpt.load(path).get("metrics", {}).get("segm", {}).get("AP", -math.inf))
+
+    def update(self, it: int, metrics: dict) -> None:
+        """Rank 0, after an evaluation: write best.pth if mask AP beats the best so far."""
+        ap = metrics.get("segm", {}).get("AP", -math.inf)
+        if not ap > self.ap:
+            return
+        self.ap = ap
+        cfg = self.cfg
+        path = ckpt.save_best(cfg.run_dir, dict(
+            model=self.model.state_dict(), recipe=cfg.recipe.as_dict(), num_classes=cfg.split.num_classes,
+            cat_ids=cfg.split.cat_ids, iteration=it, metrics=metrics, config=cfg.as_json()))
+        log.info("%s: mask AP %.1f at iteration %d, the best so far", path, 100 * ap, it)
+
+
+def evaluate_val(cfg: RunConfig, d: dist_utils.Dist, model, mlog: MetricsLog, it: int, best: BestCheckpoint | None,
+                 out_dir=None) -> tuple[dict | None, ds.CocoSplit]:
+    """Box and mask AP on val2017 (every rank predicts its shard; rank 0 gets the metrics, logs them
+    with the prefix ``val`` and updates best.pth). Returns (metrics or None off rank 0, the split)."""
+    from trainer.evaluate import evaluate_model
+    val = ds.resolve(cfg.coco_root, "val2017", cfg.dataset)
+    metrics, _ = evaluate_model(model, val, cfg.recipe.eval_resize, cfg.device, max(cfg.batch_per_process, 1), d,
+                                out_dir, progress=d.is_main)
+    if d.is_main:
+        mlog.write(it, {f"{t}_{k}": v for t, m in metrics.items() for k, v in m.items()}, prefix="val")
+        if best is not None:
+            best.update(it, metrics)
+    return metrics, val
+
+
+class PeriodicEvaluation(HookBase):
+    """``--eval-every N``: box and mask AP on val2017 after every N-th iteration (the last one is the
+    final evaluation's, unless --no-eval), logged and kept in best.pth by mask AP. Training then goes
+    on as if nothing happened: the model back in train mode and every RNG state put back (evaluation
+    runs its own DALI pipeline and draws no training randomness, but a resume must not depend on it)."""
+
+    def __init__(self, cfg: RunConfig, d: dist_utils.Dist, model, mlog: MetricsLog, best: BestCheckpoint):
+        self.cfg, self.d, self.model, self.mlog, self.best = cfg, d, model, mlog, best
+        self.metrics = None
+
+    def after_step(self):
+        it, cfg = self.trainer.iter, self.cfg
+        if it % cfg.eval_every or (it == cfg.max_iters and cfg.evaluate):
+            return
+        rng = ckpt.rng_state()
+        self.metrics, _ = evaluate_val(cfg, self.d, self.model, self.mlog, it, self.best)
+        self.model.train()
+        ckpt.set_rng_state(rng)
+        if self.d.is_main:
+            from trainer.evaluate import format_table
+            log.info("evaluation on val2017 after %d iterations:\n%s", it, format_table(self.metrics))
+
+
 class FinalEvaluation(HookBase):
     """COCO box and mask AP on val2017 after the last iteration (every rank scores its shard), the
-    table printed and logged, and the ground truth | predictions picture."""
+    table printed and logged, best.pth updated (with --eval-every), and the ground truth | predictions
+    picture."""
 
-    def __init__(self, cfg: RunConfig, d: dist_utils.Dist, model, mlog: MetricsLog):
-        self.cfg, self.d, self.model, self.mlog = cfg, d, model, mlog
+    def __init__(self, cfg: RunConfig, d: dist_utils.Dist, model, mlog: MetricsLog, best: BestCheckpoint | None = None):
+        self.cfg, self.d, self.model, self.mlog, self.best = cfg, d, model, mlog, best
         self.metrics = self.picture = None
 
     def after_train(self):
         if not self.trainer.finished:
             return
-        from trainer.evaluate import evaluate_model, scoring
+        from trainer.evaluate import scoring
         cfg, it = self.cfg, self.trainer.iter
-        val = ds.resolve(cfg.coco_root, "val2017", cfg.dataset)
-        self.metrics, _ = evaluate_model(self.model, val, cfg.recipe.eval_resize, cfg.device,
-                                         max(cfg.batch_per_process, 1), self.d, cfg.run_dir / "eval_val2017")
+        self.metrics, val = evaluate_val(cfg, self.d, self.model, self.mlog, it, self.best,
+                                         cfg.run_dir / "eval_val2017")
         if self.d.is_main:
             print(f"\n{cfg.dataset.upper()} evaluation on {val.root.name}/val2017 after {it} iterations:")
             print(scoring(cfg.dataset).format_table(self.metrics))
-            self.mlog.write(it, {f"{t}_{k}": v for t, m in self.metrics.items() for k, v in m.items()}, prefix="val")
             from trainer.showcase import after_evaluation
             self.picture = after_evaluation(val, cfg.run_dir)

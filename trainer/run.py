@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads per process (default: cores / procs)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--checkpoint-every", type=int, default=None, help="override the recipe's checkpoint interval")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="evaluate val2017 every N iterations while training: box/mask AP to metrics.jsonl and "
+                        "TensorBoard (val/*), the weights with the best mask AP in best.pth (default 0: off)")
     p.add_argument("--record-image-ids", action="store_true",
                    help="write the image ids each rank trained on and a digest of its final weights to "
                         "rank<R>_debug.json (checks sharding and DDP sync)")
@@ -215,9 +218,11 @@ def train(a) -> dict:
     trainer = Trainer(on_device(iter(loader), device), losses_of, opt, sched, scaler,
                       sync=torch.cuda.synchronize if device == "cuda" else None)
     metrics = hooks.LogMetrics(cfg, mlog, d.is_main)
-    evaluation = hooks.FinalEvaluation(cfg, d, model, mlog) if cfg.evaluate else None
+    best = hooks.BestCheckpoint(cfg, model, d.is_main) if cfg.eval_every else None
+    evaluation = hooks.FinalEvaluation(cfg, d, model, mlog, best) if cfg.evaluate else None
     trainer.register_hooks([metrics, hooks.StopOnNonFiniteLoss(cfg, d), hooks.Checkpointer(cfg, d, model, loader)]
                            + ([hooks.RecordImageIds(cfg, d.rank, model)] if cfg.record_image_ids else [])
+                           + ([hooks.PeriodicEvaluation(cfg, d, model, mlog, best)] if cfg.eval_every else [])
                            + ([evaluation] if evaluation else []))
     model.train()
     trainer.train(start, cfg.max_iters)
