@@ -96,15 +96,18 @@ def test_kill_and_resume_ends_in_the_same_state(small_root, tmp_path):
     assert list((tmp_path / "straight" / "tb").iterdir())
 
 
-@pytest.mark.parametrize("n_images,shards,shard", [(3, 1, 0), (5, 2, 0), (5, 2, 1)])
-def test_each_shard_resumes_exactly_across_epoch_boundaries(small_root, n_images, shards, shard):
-    """What every rank does on --resume: its shard's stream from DALI's checkpoint, and the number of
-    batches taken as the copy-paste stage's start. Shards of 3 (2 and 3) images with batch 2 cross epoch
-    boundaries inside batches, before and after the checkpoint."""
+@pytest.mark.parametrize("n_images,shards,shard,window", [(3, 1, 0, None), (5, 2, 0, None), (5, 2, 1, None),
+                                                           (5, 1, 0, 3), (5, 1, 0, 4)])
+def test_each_shard_resumes_exactly_across_epoch_boundaries(small_root, n_images, shards, shard, window):
+    """What every rank does on --resume: its shard's stream from the loader's state (window of the
+    training order, batches taken from it, DALI's checkpoint). Shards of 3 (2 and 3) images with batch 2
+    cross epoch boundaries inside batches, before and after the checkpoint; with windows of 3 batches the
+    checkpoint (after 4) lies inside the second window, with windows of 4 exactly at a window's end."""
     from dali_scp.dataset import resolve
     from pipelines.iterator import CocoLoader
     split = resolve(small_root(n_images))
-    kw = dict(batch_size=2, shard_id=shard, num_shards=shards, seed=4, out_size=64, infinite=True)
+    kw = dict(batch_size=2, shard_id=shard, num_shards=shards, seed=4, out_size=64, infinite=True,
+              window_batches=window)
     loader = CocoLoader("ssj_scp", split, **kw)
     it = iter(loader)
     straight, state = [], None

@@ -214,6 +214,17 @@ def load_ground_truth(path, scorer: str = DEFAULT_SCORER):
         raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from e
 
 
+def results_of_type(results: list, iou_type: str) -> list:
+    """Copies of the entries scored as ``iou_type``; segm entries without their bbox, so mask areas define
+    small/medium/large (as detectron2 does)."""
+    key = "bbox" if iou_type == "bbox" else "segmentation"
+    res = [dict(r) for r in results if key in r]
+    if iou_type == "segm":
+        for r in res:
+            r.pop("bbox", None)
+    return res
+
+
 def score(gt, results: list, iou_types=("bbox", "segm"), verbose: bool = False,
           scorer: str = DEFAULT_SCORER) -> dict:
     """COCOeval per type; returns {type: {stat name: value}}. ``gt``: a COCO of either library (the
@@ -225,11 +236,7 @@ def score(gt, results: list, iou_types=("bbox", "segm"), verbose: bool = False,
         gt = _indexed(coco_cls, gt.dataset)
     metrics = {}
     for t in iou_types:
-        key = "bbox" if t == "bbox" else "segmentation"
-        res = [dict(r) for r in results if key in r]
-        if t == "segm":
-            for r in res:
-                r.pop("bbox", None)
+        res = results_of_type(results, t)
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink if not verbose else sys.stdout):
             if res:

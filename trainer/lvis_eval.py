@@ -67,12 +67,9 @@ def score(gt, results: list, iou_types=("bbox", "segm"), max_dets: int = MAX_DET
     from faster_coco_eval import COCOeval_faster
     results = limit_per_image(results, max_dets)
     metrics = {}
+    from trainer.evaluate import results_of_type
     for t in iou_types:
-        key = "bbox" if t == "bbox" else "segmentation"
-        res = [dict(r) for r in results if key in r]
-        if t == "segm":
-            for r in res:
-                r.pop("bbox", None)
+        res = results_of_type(results, t)
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(res)
             ev = COCOeval_faster(gt, dt, t, lvis_style=True, print_function=lambda *a, **k: None)
