@@ -6,6 +6,7 @@ category mapping must be the same for the trainer, the evaluation and the visual
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -58,9 +59,40 @@ def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017"
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: image folder not found")
     try:
-        cats = json.loads(ann.read_text())["categories"]
-    except (json.JSONDecodeError, KeyError) as e:
+        cats = categories(ann)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{ann}: not a COCO instances file ({e}); run `python -m dali_scp.check "
                          f"--coco-root {root}` for a full report") from e
     cats = sorted(cats, key=lambda c: c["id"])
     return CocoSplit(root, split, img_dir, ann, [int(c["id"]) for c in cats], [c["name"] for c in cats], synthetic)
+
+
+def _categories_entry(ann: Path) -> Path:
+    from dali_scp.files import cache_dir
+    st = ann.stat()
+    key = hashlib.sha1(f"{ann.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "categories" / f"{key}.json"
+
+
+def categories(ann: Path) -> list:
+    """The file's ``categories``, cached per version of the file (the dataset check stores them too):
+    a COCO-sized JSON takes ~10 s and ~2.5 GB to parse, which every process of every run would
+    otherwise pay for a few kilobytes."""
+    from dali_scp.once import once_per_job
+    f = _categories_entry(ann)
+
+    def parse():
+        cats = json.loads(ann.read_text())["categories"]
+        remember_categories(ann, cats)
+        return cats
+    cats = once_per_job(lambda: json.loads(f.read_text()) if f.is_file() else None, parse, f"{ann.name}: categories")
+    if not all(isinstance(c, dict) and "id" in c and "name" in c for c in cats):
+        raise KeyError("'categories' entries need 'id' and 'name'")
+    return cats
+
+
+def remember_categories(ann: Path, cats: list) -> None:
+    from dali_scp.files import atomic_write
+    f = _categories_entry(Path(ann))
+    f.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(f, json.dumps(cats))
