@@ -172,3 +172,251 @@ def write_dataset(root: Path, scale: float = 1.0, seed: int = 0, progress: bool 
                           json_mb=round(ann_file.stat().st_size / 1e6, 1))
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+# ------------------------------------------------------------------ measuring
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _measure(cmd: list, env: dict, log: Path, timeout: float = 3600) -> dict:
+    """Run ``cmd``; wall seconds and the peak RSS of the largest process in its tree (``wait4``'s
+    ru_maxrss: the maximum over the process and its waited-for children, not their sum)."""
+    load = _load()
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        except BaseException:
+            p.kill()
+            raise
+    seconds = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({rc}): {log.read_text()[-2000:]}")
+    return dict(seconds=round(seconds, 1), peak_rss_mb=round(ru.ru_maxrss / 1024), load_before=load)
+
+
+def _env(cache: Path, **extra) -> dict:
+    return dict(os.environ, DALI_SCP_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def measure_check(root: Path, work: Path, workers: int) -> dict:
+    """A cold ``python -m dali_scp.check`` (fresh cache) with ``workers`` processes."""
+    cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+    m = _measure([sys.executable, "-m", "dali_scp.check", "--coco-root", str(root), "--workers", str(workers)],
+                 _env(cache), work / f"check_w{workers}.log")
+    return dict(m, workers=workers, cache=str(cache))
+
+
+def _probe_train(out: Path, argv: list) -> int:
+    """Inside each training process: when its first iteration starts (seconds since the launch,
+    BENCH_T0), its peak RSS then and at the end, and how many dataset checks it ran."""
+    import resource
+    from dali_scp import check as check_mod
+    from trainer import run
+    t0 = float(os.environ["BENCH_T0"])
+    rec = dict(rank=int(os.environ.get("RANK", 0)), checks=0)
+    real_check, real_losses = check_mod.check, run.compute_losses
+
+    def counting_check(*a, **kw):
+        rec["checks"] += 1
+        return real_check(*a, **kw)
+
+    def first_losses(*a, **kw):
+        if "first_iteration_s" not in rec:
+            rec["first_iteration_s"] = round(time.time() - t0, 1)
+            rec["peak_rss_mb_before_first_iteration"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return real_losses(*a, **kw)
+
+    check_mod.check, run.compute_losses = counting_check, first_losses
+    rc = run.main(argv)
+    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    (out / f"rank{rec['rank']}.json").write_text(json.dumps(rec))
+    return rc
+
+
+def measure_training_start(root: Path, work: Path, cache: Path, nproc: int, name: str) -> dict:
+    """trainer.run --preset demo --coco-root ROOT --max-iters 1 --no-eval, in 1 process or under
+    torchrun; per process: seconds from launch to its first iteration, peak RSS, checks run."""
+    out = work / name
+    out.mkdir()
+    args = ["--preset", "demo", "--coco-root", str(root), "--max-iters", "1", "--no-eval", "--batch-size", "2",
+            "--out", str(out / "run")]
+    me = [str(Path(__file__).resolve()), "--probe-train", str(out), "--"]
+    if nproc == 1:
+        cmd = [sys.executable, *me, *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), *me, *args]
+    m = _measure(cmd, _env(cache, BENCH_T0=repr(time.time())), work / f"{name}.log")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return dict(m, processes=nproc, ranks=ranks)
+
+
+def measure_evaluation(root: Path, work: Path, per_image: int = 100, seed: int = 0) -> dict:
+    """Scores a results file of ``per_image`` detections (box + mask RLE) on every val image with
+    ``python -m trainer.evaluate --results`` (wall and peak RSS: loading, validation, COCOeval bbox
+    and segm)."""
+    from pycocotools import mask as mask_utils
+    rng = np.random.default_rng(seed)
+    doc = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    results = []
+    for im in doc["images"]:
+        w, h = im["width"], im["height"]
+        bw, bh = rng.uniform(4, w / 2, per_image), rng.uniform(4, h / 2, per_image)
+        x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        boxes = np.round(np.stack([x, y, bw, bh], 1), 2)
+        rles = mask_utils.frPyObjects(np.ascontiguousarray(boxes, np.float64), h, w)
+        cats = rng.choice(COCO_CAT_IDS, per_image)
+        scores = np.round(rng.random(per_image), 4)
+        for b, r, c, s in zip(boxes.tolist(), rles, cats.tolist(), scores.tolist()):
+            results.append(dict(image_id=im["id"], category_id=c, bbox=b, score=s,
+                                segmentation=dict(size=r["size"], counts=r["counts"].decode())))
+    res_file = work / "eval_results.json"
+    res_file.write_text(json.dumps(results))
+    m = _measure([sys.executable, "-m", "trainer.evaluate", "--results", str(res_file), "--coco-root", str(root)],
+                 _env(work / "eval_cache"), work / "eval.log")
+    return dict(m, images=len(doc["images"]), detections=len(results), tool="python -m trainer.evaluate --results")
+
+
+def _stream_ids(root: Path, split: str, seed: int, n: int, batch: int = 64) -> list:
+    """The image ids of the first ``n`` samples of the training stream (CocoLoader, infinite=True, one
+    process), read through the pipeline itself (``none``, tiny output: decoding is the cost)."""
+    from dali_scp.dataset import resolve
+    from pipelines.iterator import CocoLoader
+    loader = CocoLoader("none", resolve(root, split), batch_size=batch, out_size=32, seed=seed, infinite=True,
+                        num_threads=max(len(os.sched_getaffinity(0)), 1))
+    ids = []
+    for _, targets in loader:
+        ids += [t["image_id"] for t in targets]
+        if len(ids) >= n:
+            return ids[:n]
+
+
+def measure_order(root: Path, n: int = 4096) -> dict:
+    """Spearman rho of the training stream's order: seed 1 vs seed 2 over the first ``n`` images of
+    train2017 (position by position, by index in the file), and epoch 1 vs epoch 2 over the first
+    ``n`` images of each epoch of val2017 read as a training set (an epoch of train2017 is 118k
+    images: too long to stream on a CPU here; the reader's shuffling does not depend on the split).
+    A seeded permutation per epoch gives rho ~ 0 (± 2/sqrt(n)); a sequential reader gives ~1."""
+    from scipy.stats import spearmanr
+    out = {}
+    for split in ("train2017", "val2017"):
+        doc = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        index = {im["id"]: k for k, im in enumerate(doc["images"])}
+        size = len(index)
+        if split == "train2017":
+            a, b = (np.array([index[i] for i in _stream_ids(root, split, s, min(n, size))]) for s in (1, 2))
+            key = "seed1_vs_seed2"
+        else:
+            k = min(n, size)
+            ids = _stream_ids(root, split, 1, size + k)
+            a, b = np.array([index[i] for i in ids[:k]]), np.array([index[i] for i in ids[size:size + k]])
+            key = "epoch1_vs_epoch2"
+        out[key] = dict(split=split, images_in_split=size, n=len(a), rho=round(float(spearmanr(a, b)[0]), 4),
+                        rho_first_stream_vs_file_order=round(float(spearmanr(a, np.arange(len(a)))[0]), 4))
+    return out
+
+
+def markdown(r: dict) -> str:
+    """The section for benchmarks/RESULTS.md."""
+    d = r["dataset"]["train2017"]
+    lines = [f"## COCO-2017-sized data (`benchmarks/coco_scale.py --scale {r['scale']}`)", "",
+             f"{d['images']:,} train images, {d['annotations']:,} annotations ({d['crowd']:,} crowd RLE), "
+             f"{d['json_mb']} MB JSON; {r['dataset']['val2017']['images']:,} val images. Machine: {r['machine']}. "
+             "Wall times on whatever else ran (1-min load average before each step in brackets); peak RSS of "
+             "the largest process.", "",
+             "| step | seconds | peak RSS | notes |", "|---|---|---|---|"]
+    for c in r["check"]:
+        lines.append(f"| cold dataset check, {c['workers']} worker(s) | {c['seconds']} [{c['load_before']}] | "
+                     f"{c['peak_rss_mb']} MB | `python -m dali_scp.check --workers {c['workers']}`, fresh cache |")
+    for s in r["train_start"]:
+        per = "; ".join(f"rank {x['rank']}: first iteration at {x.get('first_iteration_s')} s, peak "
+                        f"{x.get('peak_rss_mb_before_first_iteration')} MB before it, {x['checks']} check(s)"
+                        for x in s["ranks"])
+        lines.append(f"| {s['label']} | {s['seconds']} [{s['load_before']}] | {s['peak_rss_mb']} MB | {per} |")
+    if r.get("evaluation"):
+        e = r["evaluation"]
+        lines.append(f"| evaluation, {e['images']:,} images × {e['detections'] // max(e['images'], 1)} detections | "
+                     f"{e['seconds']} [{e['load_before']}] | {e['peak_rss_mb']} MB | `{e['tool']}` (bbox + segm) |")
+    lines.append("")
+    if r.get("order"):
+        lines += ["Training stream order (Spearman rho of file positions, position by position; ~0 = independent "
+                  "orders, ~1 = the same order):", ""]
+        for k, o in r["order"].items():
+            lines.append(f"- {k.replace('_', ' ')}: rho = {o['rho']} over the first {o['n']:,} images of {o['split']} "
+                         f"({o['images_in_split']:,} images); first stream vs file order rho = "
+                         f"{o['rho_first_stream_vs_file_order']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--probe-train"]:
+        return _probe_train(Path(argv[1]), argv[3:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of COCO's image counts to write (default 1)")
+    p.add_argument("--root", default=None, help="dataset folder (default: /tmp/coco_scale_<scale>); reused if there")
+    p.add_argument("--work", default=None, help="folder for caches, runs and logs (default: a new temp folder)")
+    p.add_argument("--check-workers", type=int, nargs="+", default=[len(os.sched_getaffinity(0))],
+                   help="worker counts for the cold check (default: the cores available)")
+    p.add_argument("--only", nargs="+", choices=["write", "check", "train", "eval", "order"],
+                   default=["write", "check", "train", "eval", "order"], help="steps to run (default: all)")
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--md", default=None, help="write the markdown section here")
+    a = p.parse_args(argv)
+    root = Path(a.root or f"/tmp/coco_scale_{a.scale:g}")
+    work = Path(a.work or tempfile.mkdtemp(prefix="coco_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    r = dict(scale=a.scale, root=str(root), machine=f"{len(os.sched_getaffinity(0))} cores, "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {sys.platform}")
+    t0 = time.perf_counter()
+    done = root / "annotations" / "instances_val2017.json"
+    r["dataset"] = write_dataset(root, a.scale) if not done.is_file() else dict(reused=True)
+    if r["dataset"].get("reused"):
+        for split in ("train2017", "val2017"):
+            doc = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+            r["dataset"][split] = dict(images=len(doc["images"]), annotations=len(doc["annotations"]),
+                                       crowd=sum(x.get("iscrowd", 0) for x in doc["annotations"]),
+                                       json_mb=round((root / "annotations" / f"instances_{split}.json").stat().st_size / 1e6, 1))
+            del doc
+    print(json.dumps(r["dataset"]), flush=True)
+    r["check"], r["train_start"] = [], []
+    if "check" in a.only or "train" in a.only:
+        for w in a.check_workers:
+            r["check"].append(measure_check(root, work, w))
+            print("check", json.dumps(r["check"][-1]), flush=True)
+    if "train" in a.only:
+        warm = Path(r["check"][-1]["cache"])  # filled by the CLI's check: the runs below start warm
+        for nproc, cache, label in ((1, warm, "warm start, 1 process"), (2, warm, "warm start, 2 processes (torchrun)"),
+                                    (2, Path(tempfile.mkdtemp(prefix="cold2_", dir=work)),
+                                     "cold start, 2 processes (torchrun): one check per job")):
+            s = measure_training_start(root, work, cache, nproc, label.split(":")[0].replace(" ", "_").replace(",", "")
+                                       .replace("(", "").replace(")", ""))
+            r["train_start"].append(dict(s, label=label))
+            print("train", json.dumps(r["train_start"][-1]), flush=True)
+    if "eval" in a.only:
+        r["evaluation"] = measure_evaluation(root, work)
+        print("eval", json.dumps(r["evaluation"]), flush=True)
+    if "order" in a.only:
+        os.environ["DALI_SCP_CACHE"] = str(Path(r["check"][-1]["cache"]) if r["check"] else work / "order_cache")
+        r["order"] = measure_order(root)
+        print("order", json.dumps(r["order"]), flush=True)
+    r["total_seconds"] = round(time.perf_counter() - t0, 1)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    md = markdown(r)
+    if a.md:
+        Path(a.md).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
