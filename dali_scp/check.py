@@ -15,7 +15,11 @@ EXIF-oriented frame are re-expressed in stored pixels (``dali_scp.orientation``;
 ``annotated_orientation`` so evaluation can map predictions back). Every image with an orientation tag
 other than 1 is listed in the report's notes with the frame chosen.
 
-    python -m dali_scp.check --coco-root DIR [--split train2017]
+The CLI and the tools share one cache entry per version of the JSON and images folder: check once
+with the CLI, and training starts from its result; under torchrun one process per job checks
+(``dali_scp.once``).
+
+    python -m dali_scp.check --coco-root DIR [--split train2017] [--workers N]
 """
 from __future__ import annotations
 
