@@ -11,8 +11,9 @@ pixels. ``--scale 0.1`` writes a tenth for a quick run.
     python benchmarks/coco_scale.py [--scale 0.1] [--root /tmp/coco_scale] [--json out.json] [--md out.md]
     python benchmarks/coco_scale.py --only write --scale 1     # just the dataset
 
-Each measurement runs in its own process (``ru_maxrss`` of that process is its peak memory) with a
-fresh private cache where it says "cold". Times are wall-clock on whatever else the machine runs: the
+Each measurement runs in its own process with a fresh private cache where it says "cold"; its peak
+memory is the process's own high-water mark (VmHWM, read inside it: ``ru_maxrss`` is not usable here,
+Linux carries it over from the parent across fork and exec). Times are wall-clock on whatever else the machine runs: the
 report records the load average before each step so contention can be read off.
 """
 from __future__ import annotations
@@ -171,7 +172,22 @@ def write_dataset(root: Path, scale: float = 1.0, seed: int = 0, progress: bool 
         out[split] = dict(images=n, annotations=len(anns), crowd=sum(a["iscrowd"] for a in anns),
                           json_mb=round(ann_file.stat().st_size / 1e6, 1))
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    (root / "dataset.json").write_text(json.dumps(out))
     return out
+
+
+def describe_dataset(root: Path) -> dict:
+    """What ``write_dataset`` wrote (counted in a child process when it left no record: this process
+    stays small, its children would inherit its peak)."""
+    if not (root / "dataset.json").is_file():
+        code = ("import json, sys; from pathlib import Path; r = Path(sys.argv[1]); out = {}\n"
+                "for s in ('train2017', 'val2017'):\n"
+                "    f = r / 'annotations' / f'instances_{s}.json'; d = json.loads(f.read_text())\n"
+                "    out[s] = dict(images=len(d['images']), annotations=len(d['annotations']), "
+                "crowd=sum(a.get('iscrowd', 0) for a in d['annotations']), json_mb=round(f.stat().st_size / 1e6, 1))\n"
+                "(r / 'dataset.json').write_text(json.dumps(out))")
+        subprocess.run([sys.executable, "-c", code, str(root)], check=True)
+    return dict(json.loads((root / "dataset.json").read_text()), reused=True)
 
 
 # ------------------------------------------------------------------ measuring
@@ -179,23 +195,49 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def vmhwm_mb() -> int:
+    """This process's peak RSS (of its own address space since exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return -1
+
+
+def _probe_peak(out: Path, argv: list) -> int:
+    """``-m MODULE ARGS``: run a module's CLI in this process, then record its peak RSS."""
+    import runpy
+    sys.argv = [argv[1], *argv[2:]]
+    rc = 0
+    try:
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out.write_text(json.dumps(dict(peak_rss_mb=vmhwm_mb())))
+    return rc
+
+
 def _measure(cmd: list, env: dict, log: Path, timeout: float = 3600) -> dict:
-    """Run ``cmd``; wall seconds and the peak RSS of the largest process in its tree (``wait4``'s
-    ru_maxrss: the maximum over the process and its waited-for children, not their sum)."""
+    """Run ``cmd``: wall seconds, the load average before. ``cmd`` = ``[-m, MODULE, ...]`` runs that
+    module's CLI through ``_probe_peak`` and adds its peak RSS."""
+    peak = None
+    if cmd[0] == "-m":
+        peak = log.with_suffix(".peak.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-peak", str(peak), "--", *cmd]
     load = _load()
     t0 = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         try:
-            _, status, ru = os.wait4(p.pid, 0)
+            status = p.wait()
         except BaseException:
             p.kill()
             raise
     seconds = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
+    rc = status
     if rc != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({rc}): {log.read_text()[-2000:]}")
-    return dict(seconds=round(seconds, 1), peak_rss_mb=round(ru.ru_maxrss / 1024), load_before=load)
+    m = dict(seconds=round(seconds, 1), load_before=load)
+    return dict(m, **json.loads(peak.read_text())) if peak else m
 
 
 def _env(cache: Path, **extra) -> dict:
@@ -205,7 +247,7 @@ def _env(cache: Path, **extra) -> dict:
 def measure_check(root: Path, work: Path, workers: int) -> dict:
     """A cold ``python -m dali_scp.check`` (fresh cache) with ``workers`` processes."""
     cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
-    m = _measure([sys.executable, "-m", "dali_scp.check", "--coco-root", str(root), "--workers", str(workers)],
+    m = _measure(["-m", "dali_scp.check", "--coco-root", str(root), "--workers", str(workers)],
                  _env(cache), work / f"check_w{workers}.log")
     return dict(m, workers=workers, cache=str(cache))
 
@@ -213,7 +255,6 @@ def measure_check(root: Path, work: Path, workers: int) -> dict:
 def _probe_train(out: Path, argv: list) -> int:
     """Inside each training process: when its first iteration starts (seconds since the launch,
     BENCH_T0), its peak RSS then and at the end, and how many dataset checks it ran."""
-    import resource
     from dali_scp import check as check_mod
     from trainer import run
     t0 = float(os.environ["BENCH_T0"])
@@ -227,12 +268,12 @@ def _probe_train(out: Path, argv: list) -> int:
     def first_losses(*a, **kw):
         if "first_iteration_s" not in rec:
             rec["first_iteration_s"] = round(time.time() - t0, 1)
-            rec["peak_rss_mb_before_first_iteration"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            rec["peak_rss_mb_before_first_iteration"] = vmhwm_mb()
         return real_losses(*a, **kw)
 
     check_mod.check, run.compute_losses = counting_check, first_losses
     rc = run.main(argv)
-    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    rec["peak_rss_mb"] = vmhwm_mb()
     (out / f"rank{rec['rank']}.json").write_text(json.dumps(rec))
     return rc
 
@@ -279,7 +320,7 @@ def measure_evaluation(root: Path, work: Path, per_image: int = 100, seed: int =
                                 segmentation=dict(size=r["size"], counts=r["counts"].decode())))
     res_file = work / "eval_results.json"
     res_file.write_text(json.dumps(results))
-    m = _measure([sys.executable, "-m", "trainer.evaluate", "--results", str(res_file), "--coco-root", str(root)],
+    m = _measure(["-m", "trainer.evaluate", "--results", str(res_file), "--coco-root", str(root)],
                  _env(work / "eval_cache"), work / "eval.log")
     return dict(m, images=len(doc["images"]), detections=len(results), tool="python -m trainer.evaluate --results")
 
@@ -339,7 +380,8 @@ def markdown(r: dict) -> str:
         per = "; ".join(f"rank {x['rank']}: first iteration at {x.get('first_iteration_s')} s, peak "
                         f"{x.get('peak_rss_mb_before_first_iteration')} MB before it, {x['checks']} check(s)"
                         for x in s["ranks"])
-        lines.append(f"| {s['label']} | {s['seconds']} [{s['load_before']}] | {s['peak_rss_mb']} MB | {per} |")
+        lines.append(f"| {s['label']} | {s['seconds']} [{s['load_before']}] | "
+                     f"{max(x['peak_rss_mb'] for x in s['ranks'])} MB | {per} |")
     if r.get("evaluation"):
         e = r["evaluation"]
         lines.append(f"| evaluation, {e['images']:,} images × {e['detections'] // max(e['images'], 1)} detections | "
@@ -360,6 +402,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--probe-train"]:
         return _probe_train(Path(argv[1]), argv[3:])
+    if argv[:1] == ["--probe-peak"]:
+        return _probe_peak(Path(argv[1]), argv[3:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=1.0, help="fraction of COCO's image counts to write (default 1)")
     p.add_argument("--root", default=None, help="dataset folder (default: /tmp/coco_scale_<scale>); reused if there")
@@ -378,14 +422,7 @@ def main(argv=None) -> int:
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, {sys.platform}")
     t0 = time.perf_counter()
     done = root / "annotations" / "instances_val2017.json"
-    r["dataset"] = write_dataset(root, a.scale) if not done.is_file() else dict(reused=True)
-    if r["dataset"].get("reused"):
-        for split in ("train2017", "val2017"):
-            doc = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
-            r["dataset"][split] = dict(images=len(doc["images"]), annotations=len(doc["annotations"]),
-                                       crowd=sum(x.get("iscrowd", 0) for x in doc["annotations"]),
-                                       json_mb=round((root / "annotations" / f"instances_{split}.json").stat().st_size / 1e6, 1))
-            del doc
+    r["dataset"] = write_dataset(root, a.scale) if not done.is_file() else describe_dataset(root)
     print(json.dumps(r["dataset"]), flush=True)
     r["check"], r["train_start"] = [], []
     if "check" in a.only or "train" in a.only:
