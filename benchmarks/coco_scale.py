@@ -370,8 +370,9 @@ def markdown(r: dict) -> str:
     lines = [f"## COCO-2017-sized data (`benchmarks/coco_scale.py --scale {r['scale']}`)", "",
              f"{d['images']:,} train images, {d['annotations']:,} annotations ({d['crowd']:,} crowd RLE), "
              f"{d['json_mb']} MB JSON; {r['dataset']['val2017']['images']:,} val images. Machine: {r['machine']}. "
-             "Wall times on whatever else ran (1-min load average before each step in brackets); peak RSS of "
-             "the largest process.", "",
+             "Wall times on whatever else ran (1-min load average before each step in brackets); peak RSS: the "
+             "process's own high-water mark (VmHWM; under torchrun the largest rank's; the check's worker "
+             "processes are forked before the JSON is parsed and stay small).", "",
              "| step | seconds | peak RSS | notes |", "|---|---|---|---|"]
     for c in r["check"]:
         lines.append(f"| cold dataset check, {c['workers']} worker(s) | {c['seconds']} [{c['load_before']}] | "

@@ -45,7 +45,9 @@ class CocoSplit:
 
 def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017") -> CocoSplit:
     """``coco_root`` in COCO's layout (``{split}/``, ``annotations/instances_{split}.json``), or None for
-    the embedded synthetic dataset (generated once into the cache, never downloaded)."""
+    the embedded synthetic dataset (generated once into the cache, never downloaded). Under an
+    initialised torch.distributed every process must call it: one reads the categories for all
+    (``dali_scp.once``)."""
     synthetic = coco_root is None
     if synthetic:
         from dali_scp.synthetic import default_root
