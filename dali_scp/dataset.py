@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_scp.image_index import image_index
+from dali_scp.image_index import cached_index, image_index
+from dali_scp.once import once_per_job
 
 
 @dataclass
@@ -66,7 +67,8 @@ def split_files(root: str | os.PathLike, split: str, dataset: str = "coco") -> t
 
 def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017", dataset: str = "coco") -> CocoSplit:
     """``coco_root`` in ``dataset``'s layout (``split_files``), or None for the embedded synthetic dataset
-    of that kind (generated once into the cache, never downloaded)."""
+    of that kind (generated once into the cache, never downloaded). Under an initialised
+    torch.distributed every process must call it: one builds the file's index for all (``dali_scp.once``)."""
     synthetic = coco_root is None
     if synthetic:
         from dali_scp.synthetic import default_root
@@ -80,7 +82,7 @@ def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017"
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir}: image folder not found")
     try:
-        index = image_index(ann)  # cached per version of the file: a warm start parses no JSON here
+        index = once_per_job(lambda: cached_index(ann), lambda: image_index(ann), f"{ann.name}: index")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{ann}: not a {dataset.upper()} instances file ({type(e).__name__}: {e}); run `python -m "
                          f"dali_scp.check --coco-root {root} --dataset {dataset}` for a full report") from e

@@ -6,6 +6,7 @@ that caches must agree on where, so ``DALI_SCP_CACHE`` (the tests' private cache
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -46,3 +47,21 @@ def atomic_write(path, data: str | bytes | Callable[[BinaryIO], None], durable: 
         except OSError:
             pass
     return path
+
+
+def write_json(path, doc: dict, chunk: int = 20000) -> Path:
+    """``json.dumps(doc)``'s exact text, written atomically with the long top-level lists encoded
+    ``chunk`` items at a time: a COCO-sized file (~500 MB) never exists as one string (twice: text and
+    bytes), and the C encoder keeps its speed (``json.dump`` would switch to the pure-Python one)."""
+    def writer(f):
+        for i, (k, v) in enumerate(doc.items()):
+            f.write(((", " if i else "{") + json.dumps(k) + ": ").encode())
+            if not isinstance(v, list) or len(v) <= chunk:
+                f.write(json.dumps(v).encode())
+                continue
+            f.write(b"[")
+            for j in range(0, len(v), chunk):
+                f.write(((", " if j else "") + json.dumps(v[j:j + chunk])[1:-1]).encode())
+            f.write(b"]")
+        f.write(b"}" if doc else b"{}")
+    return atomic_write(path, writer)

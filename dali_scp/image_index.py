@@ -73,16 +73,25 @@ def _cache_path(ann_file: Path) -> Path:
     return cache_dir() / "index" / f"{key}.npz"
 
 
+def cached_index(ann_file: str | os.PathLike) -> ImageIndex | None:
+    """The index of ``ann_file`` if the cache holds it (None for a missing or damaged entry)."""
+    path = _cache_path(Path(ann_file))
+    if path.is_file():
+        try:
+            return ImageIndex.load(path)
+        except (OSError, ValueError, KeyError):
+            pass
+    return None
+
+
 def image_index(ann_file: str | os.PathLike, doc: dict | None = None) -> ImageIndex:
     """The index of ``ann_file``, from the cache, else built (from ``doc`` when the caller has the file
     parsed already, else by parsing it) and stored."""
     ann_file = Path(ann_file)
     path = _cache_path(ann_file)
-    if path.is_file():
-        try:
-            return ImageIndex.load(path)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged entry is rebuilt below
+    hit = cached_index(ann_file) if doc is None else None
+    if hit is not None:
+        return hit
     if doc is None:
         doc = json.loads(ann_file.read_text())
     idx = ImageIndex.from_doc(doc)

@@ -2,8 +2,11 @@
 
 Why this design. DALI applies the EXIF Orientation tag by default, PIL and pycocotools never do, and
 annotation tools differ. The annotation file decides per image (``annotation_frame``): JSON width/height
-equal to the stored size means stored pixels (COCO's convention; also where both readings fit: tags
-2-4 and square images); equal only to the oriented size means the annotator saw the rotated image.
+equal to the stored size only means stored pixels (COCO's convention); equal only to the oriented size
+means the annotator saw the rotated image. Where both readings fit (tags 2-4 always, tags 5-8 on square
+images) the size cannot tell, so the dataset does (``dataset_frame``): one export comes from one tool,
+which either applied the tag for the annotator or did not, so such an image follows the frame most of
+the dataset's unambiguous tagged images were annotated in, and stored pixels when there are none.
 
 Every pipeline decodes *stored* pixels (``adjust_orientation=False``), and the dataset check writes the
 annotations of oriented-frame images re-expressed in stored pixels (polygons, box, width/height). So
@@ -39,15 +42,32 @@ def oriented_size(w: int, h: int, tag: int) -> tuple[int, int]:
     return (h, w) if tag in TRANSPOSING else (w, h)
 
 
-def annotation_frame(json_w, json_h, stored_w: int, stored_h: int, tag: int) -> str | None:
-    """'stored' (JSON size fits the stored pixels, including when it fits both readings), 'oriented'
-    (fits only the oriented image) or None (fits neither: a size mismatch)."""
+def fits_both(json_w, json_h, stored_w: int, stored_h: int, tag: int) -> bool:
+    """The JSON size is the stored and the oriented image's at once (tags 2-4; 5-8 when square), so
+    the size says nothing about the frame the annotator saw."""
+    return tag != 1 and (json_w, json_h) == (stored_w, stored_h) == oriented_size(stored_w, stored_h, tag)
+
+
+def annotation_frame(json_w, json_h, stored_w: int, stored_h: int, tag: int,
+                     when_both: str = "stored") -> str | None:
+    """'stored' (the JSON size fits only the stored pixels), 'oriented' (only the oriented image),
+    ``when_both`` where it fits both (``fits_both``; the dataset's frame, ``dataset_frame``), or None
+    (fits neither: a size mismatch)."""
+    if fits_both(json_w, json_h, stored_w, stored_h, tag):
+        return when_both
     size = (json_w, json_h)
     if size == (stored_w, stored_h):
         return "stored"
     if size == oriented_size(stored_w, stored_h, tag):
         return "oriented"
     return None
+
+
+def dataset_frame(n_stored: int, n_oriented: int) -> str:
+    """The frame for a dataset's ambiguous images, from its unambiguous tagged ones (``n_stored``
+    annotated on the stored pixels, ``n_oriented`` on the oriented image): 'oriented' only when most
+    were; a tie or no evidence keeps COCO's convention."""
+    return "oriented" if n_oriented > n_stored else "stored"
 
 
 def to_oriented_points(xy: np.ndarray, tag: int, w: int, h: int) -> np.ndarray:

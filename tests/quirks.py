@@ -76,13 +76,20 @@ def save_with_orientation(img: Image.Image, path: Path, tag: int, **kw):
     img.save(path, exif=exif.tobytes(), **kw)
 
 
-def oriented_dataset(root: Path, split: str = "train2017", fmt: str = "JPEG"):
-    """One image per (tag, frame): every tag 1-8 annotated on the stored pixels, tags 5-8 (the only ones
-    a JSON size can tell apart) also annotated on the oriented image, and a square tag-6 image (both
-    readings fit: stored). Sizes differ per image, so a size identifies it. Returns the COCO dict; each
-    image entry has ``tag`` and ``frame``, each annotation its ``colour``."""
-    cases = [(t, "stored", False) for t in range(1, 9)] + [(t, "oriented", False) for t in (5, 6, 7, 8)]
-    cases.append((6, "stored", True))
+MIXED_CASES = [(t, "stored", False) for t in range(1, 9)] + [(t, "oriented", False) for t in (5, 6, 7, 8)] \
+    + [(6, "stored", True)]
+# an export whose tool showed the annotator the rotated image: unambiguous tag-6 images annotated rotated,
+# and images whose size fits both frames (square tag 6, tag 3) annotated rotated as well
+ROTATED_CASES = [(6, "oriented", False), (6, "oriented", False), (6, "oriented", True), (3, "oriented", False)]
+
+
+def oriented_dataset(root: Path, split: str = "train2017", fmt: str = "JPEG", cases=MIXED_CASES):
+    """One image per (tag, frame, square) case; by default every tag 1-8 annotated on the stored pixels,
+    tags 5-8 (the only ones a JSON size can tell apart) also annotated on the oriented image, and a
+    square tag-6 image annotated on the stored pixels (both readings fit; the dataset's unambiguous
+    images are split evenly, so COCO's convention holds). Sizes differ per image, so a size identifies
+    it. Returns the COCO dict; each image entry has ``tag`` and ``frame``, each annotation its
+    ``colour``."""
     (root / split).mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     rng = np.random.default_rng(0)

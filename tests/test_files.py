@@ -40,3 +40,13 @@ def test_polygon_area():
     assert polygon_area(square) == 12.0 and polygon_area(square[::-1]) == 12.0
     assert polygon_area(np.reshape([1, 1, 5, 5, 9, 9], (-1, 2))) == 0.0
 
+
+
+def test_write_json_in_chunks_is_json_dumps(tmp_path):
+    import json
+
+    from dali_scp.files import write_json
+    for doc in ({}, {"images": list(range(7)), "info": {"a": [1, 2]}, "annotations": [{"id": i} for i in range(10)]},
+                {"empty": []}):
+        write_json(tmp_path / "a.json", doc, chunk=3)
+        assert (tmp_path / "a.json").read_text() == json.dumps(doc)

@@ -12,7 +12,7 @@ from dali_scp.dataset import resolve
 from dali_scp.presets import pipeline_preset
 from geometry_truth import iou, match_annotation, object_pixels, tight_box, visible_core
 from pipelines.iterator import CocoLoader
-from quirks import COLOURS, oriented_dataset, perfect_inference, save_with_orientation, write_coco
+from quirks import ROTATED_CASES, COLOURS, oriented_dataset, perfect_inference, save_with_orientation, write_coco
 
 OUT = 256
 
@@ -43,9 +43,10 @@ def test_point_and_array_maps_agree_with_pil(tag):
     assert shown.shape[::-1] == orientation.oriented_size(w, h, tag)
 
 
-@pytest.mark.parametrize("name", ["none", "ssj"])
-def test_masks_cover_their_objects_for_every_tag_and_convention(name, exif_root):
-    root, doc = exif_root
+def _images_whose_masks_cover_their_objects(name: str, root, doc) -> set:
+    """Runs pipeline ``name`` over the dataset; every mask must lie on its object's pixels, found by
+    colour in the output image (ground truth independent of the code). Returns the ids of the images
+    where at least two objects were large enough to compare."""
     split = resolve(root)
     anns_of = {im["id"]: [a for a in doc["annotations"] if a["image_id"] == im["id"]] for im in doc["images"]}
     loader = CocoLoader(pipeline_preset(name, out_size=OUT), split, batch_size=7, shuffle=False, seed=3)
@@ -72,6 +73,13 @@ def test_masks_cover_their_objects_for_every_tag_and_convention(name, exif_root)
                         f"image {t['image_id']}: object {a['id']} has no mask"
             if checked >= 2:
                 ok.add(t["image_id"])
+    return ok
+
+
+@pytest.mark.parametrize("name", ["none", "ssj"])
+def test_masks_cover_their_objects_for_every_tag_and_convention(name, exif_root):
+    root, doc = exif_root
+    ok = _images_whose_masks_cover_their_objects(name, root, doc)
     cases = {(im["tag"], im["frame"]) for im in doc["images"] if im["id"] in ok}
     assert {(t, "stored") for t in range(1, 9)} | {(t, "oriented") for t in (5, 6, 7, 8)} <= cases, \
         sorted(cases)
@@ -113,10 +121,13 @@ def test_evaluation_maps_predictions_back_into_the_annotation_frame(exif_root, m
     """A perfect model seen from the stored pixels: ground-truth masks moved onto the stored pixels with
     PIL, handed to evaluation at the original size DALI reports. Scored against the original file they
     must give AP 100 for boxes and masks (every tag, both conventions, RLE objects included)."""
+    _evaluate_a_perfect_model(*exif_root, monkeypatch)
+
+
+def _evaluate_a_perfect_model(root, doc, monkeypatch):
     from dali_scp.presets import recipe
     from trainer import evaluate as ev
     from trainer.distributed import Dist
-    root, doc = exif_root
     split = resolve(root, "train2017")
     gt = ev.load_ground_truth(split.annotations)
     monkeypatch.setattr(ev, "inference", perfect_inference(doc, gt))
@@ -126,3 +137,30 @@ def test_evaluation_maps_predictions_back_into_the_annotation_frame(exif_root, m
     assert sorted(scored) == [im["id"] for im in doc["images"]]
     assert metrics["bbox"]["AP"] == 1.0 and metrics["segm"]["AP"] == 1.0, metrics
     assert any(isinstance(a["segmentation"], dict) for a in gt.anns.values()), "RLE objects are part of it"
+
+
+@pytest.fixture(scope="module")
+def rotated_root(tmp_path_factory):
+    """An export annotated on the rotated images throughout: unambiguous tag-6 images, and a square
+    tag-6 and a tag-3 image whose sizes fit both frames."""
+    root = tmp_path_factory.mktemp("exif_rotated")
+    return root, oriented_dataset(root, "train2017", cases=ROTATED_CASES)
+
+
+def test_images_whose_size_fits_both_frames_follow_the_dataset(rotated_root, monkeypatch):
+    """The square tag-6 image and the tag-3 image were annotated rotated, like the dataset's unambiguous
+    tag-6 images: read in the stored frame, their masks would lie off their objects."""
+    root, doc = rotated_root
+    rep, filtered = check(root / "annotations" / "instances_train2017.json", root / "train2017", progress=False)
+    assert not rep.defects and rep.frame_evidence == {"stored": 0, "oriented": 2}
+    notes = {n.image_id: n.message for n in rep.notes}
+    for im in doc["images"]:
+        both = im["width"] == im["height"] or im["tag"] == 3
+        assert ("fits both" in notes[im["id"]]) == both and "re-expressed in stored pixels" in notes[im["id"]]
+        if both:
+            assert "2 of the dataset's 2 tagged images whose size tells the frames apart" in notes[im["id"]]
+    assert {im["id"]: im.get("annotated_orientation") for im in filtered["images"]} == \
+        {im["id"]: im["tag"] for im in doc["images"]}
+    ok = _images_whose_masks_cover_their_objects("none", root, doc)
+    assert ok == {im["id"] for im in doc["images"]}, (ok, doc["images"])
+    _evaluate_a_perfect_model(root, doc, monkeypatch)
