@@ -241,6 +241,9 @@ class _Polygons:
             lengths = np.fromiter(map(len, polys), np.int64, len(polys))
             flat = np.fromiter(chain.from_iterable(p if out[lo + k] is None else [0.0] * len(p)
                                                    for k, p in enumerate(polys)), np.float64, int(lengths.sum()))
+            finite = np.logical_and.reduceat(np.isfinite(flat), np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+            for k in np.flatnonzero(~finite):  # NaN or infinity: the rasterisers would cast them to garbage rows
+                out[lo + k] = out[lo + k] or ("malformed-annotation", "holds a coordinate that is NaN or infinite")
             x, y = flat[0::2], flat[1::2]
             starts = np.concatenate([[0], np.cumsum(lengths // 2)[:-1]])
             nxt = np.arange(1, len(x) + 1)

@@ -41,6 +41,8 @@ def broken(syn_root, tmp_path):
     im6 = next(im for im in ims if im["id"] == on[6]["image_id"])
     on[6]["segmentation"] = {"size": [im6["height"], im6["width"]], "counts": [5, 7]}  # 12 px, not h*w
     planted["malformed-rle/sum"] = (on[6]["image_id"], on[6]["id"])
+    on[7]["segmentation"] = [[1.0, 1.0, 40.0, 2.0, float("nan"), 30.0]]  # json writes NaN, and reads it back
+    planted["malformed-annotation"] = (on[7]["image_id"], on[7]["id"])
     p = root / "train2017" / ims[3]["file_name"]
     Image.open(p).save(p.with_suffix(".gif"))
     ims[3]["file_name"] = p.with_suffix(".gif").name
