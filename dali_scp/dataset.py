@@ -65,14 +65,17 @@ def split_files(root: str | os.PathLike, split: str, dataset: str = "coco") -> t
     return root / "annotations" / f"instances_{split}.json", root / split
 
 
-def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017", dataset: str = "coco") -> CocoSplit:
+def resolve(coco_root: str | os.PathLike | None = None, split: str = "train2017", dataset: str = "coco",
+            demo: bool = False) -> CocoSplit:
     """``coco_root`` in ``dataset``'s layout (``split_files``), or None for the embedded synthetic dataset
-    of that kind (generated once into the cache, never downloaded). Under an initialised
-    torch.distributed every process must call it: one builds the file's index for all (``dali_scp.once``)."""
+    of that kind (generated once into the cache, never downloaded): for COCO the demo's images with
+    ``demo`` (what trainer.run, trainer.evaluate and trainer.showcase train and score without a dataset),
+    else the COCO-like benchmark images (``dali_scp.synthetic``). Under an initialised torch.distributed
+    every process must call it: one builds the file's index for all (``dali_scp.once``)."""
     synthetic = coco_root is None
     if synthetic:
         from dali_scp.synthetic import default_root
-        coco_root = default_root(lvis=dataset == "lvis")
+        coco_root = default_root(lvis=dataset == "lvis", demo=demo and dataset != "lvis")
     root = Path(coco_root)
     ann, img_dir = split_files(root, split, dataset)
     if not ann.is_file():

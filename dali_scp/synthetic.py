@@ -176,19 +176,21 @@ def _poly_box(parts):
     return [allp[:, 0].min(), allp[:, 1].min(), allp[:, 0].max(), allp[:, 1].max()]
 
 
-def make_image(rng: np.random.Generator, img_id: int, categories=CATEGORIES, cat_weights=None, crowd_prob: float = 0.15):
+def make_image(rng: np.random.Generator, img_id: int, categories=CATEGORIES, cat_weights=None, crowd_prob: float = 0.15,
+               aspects=ASPECTS, size_classes=SIZE_CLASSES, max_objects: int = MAX_OBJECTS, empty_prob: float = 0.05):
     """Returns (PIL image, list of annotation dicts without ids). ``categories`` ((id, shape) pairs) are
-    drawn uniformly, or with probabilities ``cat_weights`` (the LVIS-like set's long tail)."""
-    w, h = ASPECTS[rng.integers(len(ASPECTS))]
+    drawn uniformly, or with probabilities ``cat_weights`` (the LVIS-like set's long tail); the other
+    keywords shape the images (``DEMO`` gives the demo's)."""
+    w, h = aspects[rng.integers(len(aspects))]
     img = Image.fromarray(smooth_background(rng, w, h))
     draw = ImageDraw.Draw(img)
-    n_target = 0 if rng.random() < 0.05 else int(rng.integers(1, MAX_OBJECTS + 1))
+    n_target = 0 if rng.random() < empty_prob else int(rng.integers(1, max_objects + 1))
     colours = rng.permutation(len(PALETTE))
     placed, anns = [], []
-    probs = np.array([p for _, p in SIZE_CLASSES])
+    probs = np.array([p for _, p in size_classes])
     radii = []
     for obj in range(n_target):
-        (rlo, rhi) = SIZE_CLASSES[rng.choice(len(SIZE_CLASSES), p=probs / probs.sum())][0]
+        (rlo, rhi) = size_classes[rng.choice(len(size_classes), p=probs / probs.sum())][0]
         radii.append(float(rng.uniform(rlo, max(rlo, min(rhi, min(w, h) * 0.3)))))
     for r in sorted(radii, reverse=True):  # large first: they are the hardest to place
         k = rng.integers(len(categories)) if cat_weights is None else rng.choice(len(categories), p=cat_weights)
@@ -268,34 +270,55 @@ def draw_images(root: Path, split: str, n: int, seed: int, first_id: int, folder
     return images, annotations
 
 
-def write_split(root: Path, split: str, n: int, seed: int, first_id: int, quality: int = 94) -> None:
+# The demo's images (``--demo``; the default of trainer.run, trainer.evaluate and trainer.showcase):
+# what the README's first command can learn to a plateau on two CPU cores in minutes. Half-size images,
+# one to five medium-to-large objects, four shape families, no crowd regions; everything else (the
+# backgrounds, flat colours, polygons, non-contiguous ids) as in the COCO-like set, which the profiler,
+# the visualiser and the benchmarks keep (its small objects and crowded images are what makes their
+# figures mean something, and what a 600-iteration CPU run cannot learn).
+DEMO_CATEGORIES = [c for c in CATEGORIES if c[1] in ("disc", "triangle", "square", "star")]
+DEMO = dict(categories=DEMO_CATEGORIES, aspects=[(w // 2, h // 2) for w, h in ASPECTS], size_classes=[((22, 60), 1.0)],
+            max_objects=5, empty_prob=0.0, crowd_prob=0.0)
+DEMO_DEFAULT = (128, 48)  # train, val: a val split large enough that the AP of a seed is not one image's luck
+
+
+def write_split(root: Path, split: str, n: int, seed: int, first_id: int, quality: int = 94,
+                demo: bool = False) -> None:
     (root / split).mkdir(parents=True, exist_ok=True)
-    images, annotations = draw_images(root, split, n, seed, first_id, quality=quality)
+    images, annotations = draw_images(root, split, n, seed, first_id, quality=quality, **(DEMO if demo else {}))
     ann_dir = root / "annotations"
     ann_dir.mkdir(parents=True, exist_ok=True)
-    doc = dict(info=dict(description="dali-scp synthetic COCO-like dataset", seed=seed),
+    doc = dict(info=dict(description=f"dali-scp synthetic {'demo' if demo else 'COCO-like'} dataset", seed=seed),
                licenses=[], images=images, annotations=annotations,
-               categories=[dict(id=c, name=nm, supercategory="synthetic") for c, nm in CATEGORIES])
+               categories=[dict(id=c, name=nm, supercategory="synthetic")
+                           for c, nm in (DEMO_CATEGORIES if demo else CATEGORIES)])
     atomic_write(ann_dir / f"instances_{split}.json", json.dumps(doc))
 
 
-def generate(out: str | os.PathLike, train: int = 64, val: int = 16, seed: int = 0) -> Path:
+def generate(out: str | os.PathLike, train: int = 64, val: int = 16, seed: int = 0, demo: bool = False) -> Path:
     root = Path(out)
-    write_split(root, "train2017", train, seed, first_id=1)
-    write_split(root, "val2017", val, seed + 1, first_id=1_000_000)
-    (root / "SYNTHETIC").write_text(json.dumps(dict(train=train, val=val, seed=seed)))
+    write_split(root, "train2017", train, seed, first_id=1, demo=demo)
+    write_split(root, "val2017", val, seed + 1, first_id=1_000_000, demo=demo)
+    (root / "SYNTHETIC").write_text(json.dumps(dict(train=train, val=val, seed=seed, demo=demo)))
     return root
 
 
-def default_root(train: int | None = None, val: int | None = None, seed: int = 0, lvis: bool = False) -> Path:
-    """The embedded default dataset (COCO-like, or LVIS-like with ``lvis``: ``dali_scp.synthetic_lvis``),
-    generated once into a cache folder (no downloads, ever)."""
+def default_root(train: int | None = None, val: int | None = None, seed: int = 0, lvis: bool = False,
+                 demo: bool = False) -> Path:
+    """The embedded default dataset (COCO-like; the demo's with ``demo``; LVIS-like with ``lvis``:
+    ``dali_scp.synthetic_lvis``), generated once into a cache folder (no downloads, ever)."""
     from dali_scp import synthetic_lvis
-    train, val = train or (LVIS_DEFAULT[0] if lvis else 64), val or (LVIS_DEFAULT[1] if lvis else 16)
-    root = cache_dir() / f"synthetic{'_lvis' if lvis else ''}_t{train}_v{val}_s{seed}"
+    sizes = LVIS_DEFAULT if lvis else DEMO_DEFAULT if demo else (64, 16)
+    train, val = train or sizes[0], val or sizes[1]
+    kind = "_lvis" if lvis else "_demo" if demo else ""
+    root = cache_dir() / f"synthetic{kind}_t{train}_v{val}_s{seed}"
     if not (root / "SYNTHETIC").exists():
-        log.info("generating the synthetic %s-like dataset into %s (once)", "LVIS" if lvis else "COCO", root)
-        (synthetic_lvis.generate if lvis else generate)(root, train, val, seed)
+        log.info("generating the synthetic %s dataset into %s (once)",
+                 "LVIS-like" if lvis else "demo" if demo else "COCO-like", root)
+        if lvis:
+            synthetic_lvis.generate(root, train, val, seed)
+        else:
+            generate(root, train, val, seed, demo=demo)
     return root
 
 
@@ -318,14 +341,18 @@ def _main(argv=None) -> int:
     p.add_argument("--val", type=int, default=None,
                    help=f"number of validation images (default 16; with --lvis {LVIS_DEFAULT[1]})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo's images (trainer.run's default data): half size, 1-5 medium-to-large objects of "
+                        "four shape families, no crowd regions")
     p.add_argument("--lvis", action="store_true",
                    help="LVIS v1's format instead: annotations/lvis_v1_{train,val}.json, images named by coco_url "
                         "(some val images in train2017/), long-tailed categories of all three frequency groups, "
                         "negative and not-exhaustive category lists (read it with --dataset lvis)")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
-    a.train = a.train if a.train is not None else (LVIS_DEFAULT[0] if a.lvis else 64)
-    a.val = a.val if a.val is not None else (LVIS_DEFAULT[1] if a.lvis else 16)
+    sizes = LVIS_DEFAULT if a.lvis else DEMO_DEFAULT if a.demo else (64, 16)
+    a.train = a.train if a.train is not None else sizes[0]
+    a.val = a.val if a.val is not None else sizes[1]
     for name, n in (("--train", a.train), ("--val", a.val)):
         if n < 1:
             p.error(f"{name} must be at least 1, not {n}")
@@ -333,7 +360,10 @@ def _main(argv=None) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     from dali_scp import synthetic_lvis
-    root = (synthetic_lvis.generate if a.lvis else generate)(out, a.train, a.val, a.seed)
+    if a.lvis and a.demo:
+        p.error("--demo and --lvis are two different sets; choose one")
+    root = synthetic_lvis.generate(out, a.train, a.val, a.seed) if a.lvis else generate(out, a.train, a.val, a.seed,
+                                                                                          demo=a.demo)
     print(f"wrote {a.train} train + {a.val} val images to {root}")
     return 0
 

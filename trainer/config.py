@@ -74,7 +74,7 @@ class RunConfig:
         ``device``. Resolves the dataset first: a wrong path fails before anything is created."""
         r = resolve_recipe(a)
         dataset = getattr(a, "dataset", "coco")
-        split = ds.resolve(a.coco_root, "train2017", dataset)
+        split = ds.resolve(a.coco_root, "train2017", dataset, demo=True)
         if a.checkpoint_every:
             r = replace(r, checkpoint_every=a.checkpoint_every)
         if (a.eval_every or 0) < 0:

@@ -392,7 +392,7 @@ def _main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by trainer.run")
     src.add_argument("--results", help="an existing COCO results JSON to score (no model)")
-    p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
+    p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic demo dataset, as trainer.run trains on)")
     p.add_argument("--split", default="val2017")
     cli.add_dataset_flag(p, default=None)  # None: the checkpoint's (coco for --results)
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
@@ -407,7 +407,7 @@ def _main(argv=None) -> int:
     if a.dataset is None:  # the dataset kind the checkpoint's run trained on (coco for results files)
         a.dataset = ((loaded[2].get("config") or {}).get("resolved", {}).get("dataset_kind", "coco")
                      if loaded else "coco")
-    split = ds.resolve(a.coco_root, a.split, a.dataset)
+    split = ds.resolve(a.coco_root, a.split, a.dataset, demo=True)
     sc = scoring(a.dataset, a.scorer)
     if a.results:
         gt = sc.load_ground_truth(split.annotations)

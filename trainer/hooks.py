@@ -166,7 +166,7 @@ def evaluate_val(cfg: RunConfig, d: dist_utils.Dist, model, mlog: MetricsLog, it
     """Box and mask AP on val2017 (every rank predicts its shard; rank 0 gets the metrics, logs them
     with the prefix ``val`` and updates best.pth). Returns (metrics or None off rank 0, the split)."""
     from trainer.evaluate import evaluate_model
-    val = ds.resolve(cfg.coco_root, "val2017", cfg.dataset)
+    val = ds.resolve(cfg.coco_root, "val2017", cfg.dataset, demo=True)
     metrics, _ = evaluate_model(model, val, cfg.recipe.eval_resize, cfg.device, max(cfg.batch_per_process, 1), d,
                                 out_dir, progress=d.is_main)
     if d.is_main:

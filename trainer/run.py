@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", choices=list(PIPELINES), default=None,
                    help="input pipeline (default: the preset's)")
     p.add_argument("--preset", choices=list(RECIPES), default=None, help="training recipe (see dali_scp/presets.py)")
-    p.add_argument("--coco-root", default=None, help="COCO root; default: the embedded synthetic dataset")
+    p.add_argument("--coco-root", default=None, help="COCO root; default: the embedded synthetic demo dataset (python -m dali_scp.synthetic --demo)")
     cli.add_dataset_flag(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>_<pipeline>)")
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (schedule unchanged)")

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.showcase", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", required=True, help="COCO results JSON (e.g. RUN/eval_val2017/results.json)")
-    p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
+    p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic demo dataset, as trainer.run trains on)")
     p.add_argument("--split", default="val2017")
     from dali_scp import cli
     cli.add_dataset_flag(p)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output PNG")
     a = p.parse_args(argv)
     try:
-        split = ds.resolve(a.coco_root, a.split, a.dataset)
+        split = ds.resolve(a.coco_root, a.split, a.dataset, demo=True)
         out = write_picture(split.annotations, split.images_dir, a.results, a.out, a.num, a.score_thr, a.tile)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
