@@ -103,7 +103,7 @@ class Recipe:
     detections_per_image: int = 100   # test time: COCOeval scores 100 per image, LVIS 300
     score_threshold: float = 0.05      # test time: detections kept above this (torchvision's default; LVIS 1e-4)
     # Where mmdetection's Mask R-CNN and torchvision's compute differently: "mmdet" or "torchvision" each
-    # (README "mmdetection vs torchvision"; trainer/mmdet_style.py). The defaults are torchvision's so a
+    # (docs/checkpoints.md "mmdetection vs torchvision"; trainer/mmdet_style.py). The defaults are torchvision's so a
     # checkpoint written before these fields existed rebuilds the model it was trained as; the seed
     # recipes set all of them to "mmdet" (_SEED_MODEL).
     roi_align: str = "torchvision"     # mmdet: aligned=True, sampling_ratio=0 / aligned=False, 2
@@ -172,7 +172,7 @@ RECIPES["demo"] = Recipe(
 # LVIS v1 (Ghiasi et al. 2021, Table 7: Mask R-CNN R50-FPN at 1024^2 on LVIS v1.0, with and without
 # copy-paste). Repeat-factor sampling with t = 0.001 and, at test time, 300 detections per image above a
 # score of 1e-4, as detectron2's LVIS configs; the schedule is the COCO 270k recipe's (the paper's LVIS
-# schedule could not be confirmed here; see README "LVIS v1").
+# schedule could not be confirmed here; see docs/training.md "LVIS v1 recipes").
 _LVIS = dict(repeat_threshold=0.001, detections_per_image=300, score_threshold=1e-4)
 for _pipe in ("lsj", "lsj_scp"):
     RECIPES[f"r50_{_pipe}_lvis"] = Recipe(name=f"r50_{_pipe}_lvis", pipeline=_pipe, **_270K, **_SEED_MODEL, **_LVIS)

@@ -2,7 +2,7 @@
 
 Why: the seed recipes are mmdetection configs and its released checkpoints were trained with mmdetection's
 arithmetic; ``trainer.model.build_model`` swaps these in where a recipe field says ``"mmdet"`` (the table
-in README "mmdetection vs torchvision" lists every difference). Each class names the mmdetection/mmcv code it
+in docs/checkpoints.md "mmdetection vs torchvision" lists every difference). Each class names the mmdetection/mmcv code it
 follows; ``tests/test_import_weights.py`` checks the whole model against mmdetection's own outputs.
 """
 from __future__ import annotations
