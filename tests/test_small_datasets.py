@@ -66,3 +66,28 @@ def test_more_processes_than_images(small_root):
     finally:
         ev.inference = monkey
     assert [p[1] for p in parts] == [[json.loads(val.annotations.read_text())["images"][0]["id"]], []]
+
+
+def test_the_demo_set_is_few_large_objects_of_four_shapes(tmp_path):
+    """The README's first command trains on the demo set (python -m dali_scp.synthetic --demo): 1-5
+    objects per image, four shape families, no crowd regions, half-size images whose objects are medium
+    to large (mostly COCO's >= 32^2 px) - what 600 CPU iterations can learn, unlike the COCO-like set's tiny
+    objects and crowds."""
+    import json
+
+    from dali_scp.dataset import resolve
+    from dali_scp.synthetic import generate
+    root = generate(tmp_path / "demo", train=16, val=4, seed=5, demo=True)
+    doc = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert sorted(c["name"] for c in doc["categories"]) == ["disc", "square", "star", "triangle"]
+    per_image = {im["id"]: 0 for im in doc["images"]}
+    for a in doc["annotations"]:
+        assert a["iscrowd"] == 0 and a["area"] >= 20 * 20, a  # a thin star of the smallest radius: ~25^2
+        per_image[a["image_id"]] += 1
+    areas = np.array([a["area"] for a in doc["annotations"]])
+    assert np.mean(areas >= 32 * 32) > 0.8 and np.median(areas) > 48 * 48
+    assert set(per_image.values()) <= set(range(1, 6)) and max(per_image.values()) > 1
+    assert all(max(im["width"], im["height"]) <= 320 for im in doc["images"])
+    # trainer.run without --coco-root trains on it; the profiler's default keeps the COCO-like set
+    assert resolve(None, "train2017", demo=True).cat_names == ["disc", "triangle", "square", "star"]
+    assert len(resolve(None, "train2017").cat_names) == 8

@@ -187,9 +187,9 @@ def test_cli_help():
 
 @pytest.mark.slow
 def test_the_readme_demo_learns(tmp_path):
-    """The README's first command as a new user runs it (fresh cache, embedded synthetic data, the
-    `demo` recipe, ~12 min on 2 cores): the loss falls, the model detects and segments the shape
-    categories (the measured run: see README), and the run ends naming its picture."""
+    """The README's first command as a new user runs it (fresh cache, the embedded demo set, the `demo`
+    recipe, ~7 min on 2 cores): the loss falls, box and mask AP reach the bottom of the range the README
+    states for three seeds, and the run ends naming its picture."""
     env = dict(os.environ, DALI_SCP_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "trainer.run", "--pipeline", "ssj_scp", "--out", str(out)],
@@ -199,7 +199,7 @@ def test_the_readme_demo_learns(tmp_path):
     losses = [x["loss"] for x in lines if "loss" in x]  # one iteration every 20: noisy, compare means
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:3]) / 3, losses
     m = json.loads((out / "eval_val2017" / "metrics.json").read_text())
-    assert m["segm"]["AP"] >= 0.15 and m["bbox"]["AP"] >= 0.15, m
+    assert m["segm"]["AP"] >= 0.55 and m["bbox"]["AP"] >= 0.54, m  # the README's range: 55.2-62.2 / 54.3-60.9
     picture = out / "predictions_val2017.png"
     assert picture.is_file() and str(picture) in p.stdout.strip().splitlines()[-1] + p.stderr
 
