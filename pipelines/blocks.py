@@ -14,10 +14,10 @@ from dali_scp.deps import require_dali
 
 require_dali()
 import nvidia.dali.math as dmath  # noqa: E402
-from nvidia.dali import fn, types  # noqa: E402
+from nvidia.dali import Pipeline, fn, types  # noqa: E402
 
 from dali_scp import presets  # noqa: E402
-from pipelines.stages import CopyPasteStage, RasterizeStage  # noqa: E402
+from pipelines.stages import CopyPasteStage, RasterizeStage, ResampleStage  # noqa: E402
 
 READER_NAME = "Reader"
 
@@ -63,11 +63,12 @@ def _fit_scale(h, w, long_side, short_side):
     return dmath.min(long_side / dmath.max(h, w), short_side / dmath.min(h, w))
 
 
-def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
+def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter, resampler: str = "dali", stages: list | None = None):
     """Resize + random crop + flip in *one* resampling pass, and the same affine map for the polygon
     vertices. The crop window is expressed as a (possibly flipped) ROI of the source image, so only
-    the pixels that survive the crop are resampled. Returns padded images (S x S), the transformed
-    vertices and the per-sample geometry (resize factor, valid height/width, flip) for debugging."""
+    the pixels that survive the crop are resampled (``resample_window``: which library does it).
+    Returns padded images (S x S), the transformed vertices and the per-sample geometry (resize factor,
+    valid height/width, flip) for debugging."""
     S = float(cfg.out_size)
     h, w = stored_shape(jpegs)
     lo, hi = cfg.scale_range
@@ -83,17 +84,40 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
     flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT) if cfg.flip_prob > 0 else 0.0
     xs = x0 + flip * (x1 - x0)
     xe = x1 - flip * (x1 - x0)
-    images = fn.resize(images, size=fn.stack(oh, ow), roi_start=fn.stack(y0, xs), roi_end=fn.stack(y1, xe),
-                       interp_type=types.INTERP_LINEAR, antialias=True)
-    # pad bottom/right to S x S: a crop window anchored at the origin that extends past the image
-    # (crop_mirror_normalize's padding is ~3x cheaper on the CPU than fn.pad)
-    images = fn.crop_mirror_normalize(images, crop=(cfg.out_size, cfg.out_size), crop_pos_x=0.0, crop_pos_y=0.0,
-                                      out_of_bounds_policy="pad", fill_values=float(cfg.pad_value),
-                                      dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
+    images = resample_window(images, fn.stack(y1, xe, y0, xs, oh, ow, r, oy, ox, flip), cfg, resampler, stages)
     kx, ky = ow / (xe - xs), oh / (y1 - y0)
     vertices = vertices * fn.stack(kx, ky) - fn.stack(xs * kx, y0 * ky)
     geometry = fn.stack(r, oh, ow, flip)
     return images, vertices, geometry
+
+
+RESAMPLERS = ("dali", "torch")
+
+
+def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages: list | None = None):
+    """The jitter's pixels from ``window``, a ``dali_scp.resample.Window`` vector per sample (a region of
+    the source, and the same region as whole pixels of the resized image). ``dali``: DALI's
+    ``fn.resize`` over the region (the GPU pipelines); ``torch``: the CPU pipelines' ``ResampleStage``,
+    several times faster there (``dali_scp.resample``; its stage object is appended to ``stages``). Both
+    antialiased bilinear, padded bottom/right to S x S with ``cfg.pad_value``.
+    Both read the random draws through the one ``window`` node: DALI seeds its random operators by
+    their position in the graph, so the draws (and the masks and boxes) are the same whichever resampler
+    runs, and the CPU and GPU pipelines of one seed agree."""
+    if resampler == "torch":
+        stage = ResampleStage(cfg.out_size, cfg.pad_value, threads=Pipeline.current().num_threads)
+        if stages is not None:
+            stages.append(stage)
+        return fn.python_function(images, window, function=stage, batch_processing=True,
+                                  bytes_per_sample_hint=[cfg.out_size * cfg.out_size * 3])
+    if resampler != "dali":
+        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, not {resampler!r}")
+    images = fn.resize(images, size=window[4:6], roi_start=window[2:4], roi_end=window[0:2],
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    # pad bottom/right to S x S: a crop window anchored at the origin that extends past the image
+    # (crop_mirror_normalize's padding is ~3x cheaper on the CPU than fn.pad)
+    return fn.crop_mirror_normalize(images, crop=(cfg.out_size, cfg.out_size), crop_pos_x=0.0, crop_pos_y=0.0,
+                                    out_of_bounds_policy="pad", fill_values=float(cfg.pad_value),
+                                    dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
 
 
 def fit_resize(jpegs, images, cfg: presets.EvalResize):
@@ -139,7 +163,7 @@ def copy_paste(images, masks, boxes, cat_ids, cfg: presets.CopyPaste, out_size: 
                start_batch: int = 0, stages: list | None = None):
     """Returns images, masks (bit-packed, padded), boxes, category ids and the ``pasted`` flags. The
     stage object is appended to ``stages``."""
-    stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch)
+    stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch, threads=Pipeline.current().num_threads)
     if stages is not None:
         stages.append(stage)
     rows = MAX_INSTANCES + min(MAX_INSTANCES, cfg.max_num_pasted)  # a destination's own + pasted objects
