@@ -81,6 +81,20 @@ def _empty_copy_paste(self, images, masks, boxes, cat_ids):
             [xp.zeros((0,), xp.uint8) for _ in images])
 
 
+_POOLS: dict = {}  # threads -> ThreadPoolExecutor, one per size per process
+
+
+def worker_pool(threads: int):
+    """The CPU stages' helper threads (None for one thread). Shared by every stage and pipeline of the
+    process: a training run opens a pipeline per window of its data stream, and threads per stage object
+    would pile up; the stages of one pipeline run one after another anyway."""
+    if threads <= 1:
+        return None
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dali_scp_stage")
+    return _POOLS[threads]
+
+
 def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
     """``arena`` while it holds [b, >= rows, *plane], else a new all-zero uint8 array with room for at
     least ``spare_rows`` objects. Why the stages keep one: faulting in fresh pages for objects x 1024^2
@@ -106,7 +120,6 @@ class ResampleStage:
     def __init__(self, size: int, pad_value: int = 0, threads: int = 1):
         self.size, self.pad_value, self.threads = size, pad_value, max(int(threads), 1)
         self._resamplers = [Resampler() for _ in range(self.threads)]  # a scratch buffer per thread
-        self._pool = None
         self._arena = None
         self.seconds, self.calls = 0.0, 0
 
@@ -126,9 +139,8 @@ class ResampleStage:
             for k in range(self.threads):
                 self._share(k, images, windows)
         else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali_scp_resample")
-            for f in [self._pool.submit(self._share, k, images, windows) for k in range(self.threads)]:
+            pool = worker_pool(self.threads)
+            for f in [pool.submit(self._share, k, images, windows) for k in range(self.threads)]:
                 f.result()
         return list(self._arena)
 
@@ -167,7 +179,7 @@ class CopyPasteStage:
     def __init__(self, cfg: CopyPaste, seed: int = 0, start_batch: int = 0, threads: int = 1):
         self.cfg = cfg
         self.seconds, self.calls = 0.0, 0
-        self.threads, self._pool = max(int(threads), 1), None  # the CPU form composites images in threads
+        self.threads = max(int(threads), 1)  # the CPU form composites images in ``worker_pool`` threads
         self.seed = seed
         self.batch = start_batch
         self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
@@ -196,6 +208,5 @@ class CopyPasteStage:
             return copy_paste_packed_batched(images, masks, boxes, cat_ids, choices, self.cfg, xp)
         cap = sum(len(c) for c in cat_ids)  # enough for any destination's kept + pasted
         out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
-        if self._pool is None and self.threads > 1:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali_scp_copy_paste")
-        return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written, self._pool)
+        return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written,
+                                 worker_pool(self.threads))

@@ -209,21 +209,31 @@ def markdown(res: dict) -> str:
 
 
 def readme_rows(res: dict) -> list[str]:
+    """The README's results rows: each dali-scp pipeline against mmdetection and torchvision, then the
+    project's DataLoader baseline."""
     s = res["summary"]
-    rows = []
-    for pipe in ("ssj_scp", "ssj"):
+    rows, base = [], []
+
+    def cell(fam, pipe, name):
+        v, r = s["loaders"].get(f"{fam}:{pipe}"), s["ratios"].get(f"ours:{pipe}/{fam}:{pipe}")
+        return f"{name} {v['images_per_s']:.1f} img/s (**{r['median']:.1f}×**)" if v and r else None
+
+    for k, pipe in enumerate(("ssj_scp", "ssj")):
         ours = s["loaders"].get(f"ours:{pipe}")
         if not ours:
             continue
-        parts = []
-        for fam, name in (("mmdet", "mmdetection 3.3" + (" `CopyPaste`" if pipe == "ssj_scp" else "")),
-                          ("torchvision", "torchvision references" + (" `SimpleCopyPaste`" if pipe == "ssj_scp" else "")),
-                          ("baseline", "DataLoader baseline")):
-            v, r = s["loaders"].get(f"{fam}:{pipe}"), s["ratios"].get(f"ours:{pipe}/{fam}:{pipe}")
-            if v and r:
-                parts.append(f"{name} {v['images_per_s']:.1f} img/s ({r['median']:.2f}×)")
-        what = f"CPU, {res['machine'].get('cpu_count')} cores, batch {res['batch']}, `{pipe}`"
+        cp = pipe == "ssj_scp"
+        parts = [c for c in (cell("mmdet", pipe, "mmdetection 3.3" + (" `CopyPaste`" if cp else " SSJ")),
+                             cell("torchvision", pipe, "torchvision references" + (" `SimpleCopyPaste`" if cp else "")))
+                 if c]
+        what = (f"CPU, {res['machine'].get('cpu_count')} cores, batch {res['batch']}, {res['workers']} workers / "
+                f"threads, `{pipe}`") if k == 0 else f"CPU, same run, `{pipe}`"
         rows.append(f"| {what} | {ours['images_per_s']:.1f} img/s | {'; '.join(parts)} | [1] |")
+        b = cell("baseline", pipe, f"`{pipe}`")
+        if b:
+            base.append(b)
+    if base:
+        rows.append(f"| CPU, same run, DataLoader baseline (`pipelines/baseline.py`) | — | {'; '.join(base)} | [1] |")
     return rows
 
 
