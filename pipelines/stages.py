@@ -182,10 +182,11 @@ class CopyPasteStage:
         self.threads = max(int(threads), 1)  # the CPU form composites images in ``worker_pool`` threads
         self.seed = seed
         self.batch = start_batch
-        self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
+        self._arena, self._written = None, []  # reused output buffers (DALI copies outputs on return)
+        self._images = None
 
     def forget_buffers(self):
-        self._arena, self._written = None, []
+        self._arena, self._written, self._images = None, [], None
 
     def _buffer(self, b: int, n: int, h: int, wb: int):
         for i, j, win in self._written:  # re-zero what the last batch wrote
@@ -208,5 +209,8 @@ class CopyPasteStage:
             return copy_paste_packed_batched(images, masks, boxes, cat_ids, choices, self.cfg, xp)
         cap = sum(len(c) for c in cat_ids)  # enough for any destination's kept + pasted
         out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
+        shape = (len(images), *images[0].shape) if len(images) else None
+        if shape and (self._images is None or self._images.shape != shape):
+            self._images = np.empty(shape, np.uint8)
         return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written,
-                                 worker_pool(self.threads))
+                                 worker_pool(self.threads), self._images)
