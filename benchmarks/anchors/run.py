@@ -218,7 +218,7 @@ def readme_rows(res: dict) -> list[str]:
         v, r = s["loaders"].get(f"{fam}:{pipe}"), s["ratios"].get(f"ours:{pipe}/{fam}:{pipe}")
         return f"{name} {v['images_per_s']:.1f} img/s (**{r['median']:.1f}×**)" if v and r else None
 
-    for k, pipe in enumerate(("ssj_scp", "ssj")):
+    for pipe in ("ssj_scp", "ssj"):
         ours = s["loaders"].get(f"ours:{pipe}")
         if not ours:
             continue
@@ -227,7 +227,7 @@ def readme_rows(res: dict) -> list[str]:
                              cell("torchvision", pipe, "torchvision references" + (" `SimpleCopyPaste`" if cp else "")))
                  if c]
         what = (f"CPU, {res['machine'].get('cpu_count')} cores, batch {res['batch']}, {res['workers']} workers / "
-                f"threads, `{pipe}`") if k == 0 else f"CPU, same run, `{pipe}`"
+                f"threads, `{pipe}`") if not rows else f"CPU, same run, `{pipe}`"
         rows.append(f"| {what} | {ours['images_per_s']:.1f} img/s | {'; '.join(parts)} | [1] |")
         b = cell("baseline", pipe, f"`{pipe}`")
         if b:
