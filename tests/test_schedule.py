@@ -8,11 +8,11 @@ mmdet 3.3 wheel at a total batch of 64 and of 16 (the config's ``auto_scale_lr``
 ``--batch-size``, ``trainer.run.build_optimizer`` on the recipe's model, ``Trainer.run_step`` - are driven the
 same way and compared iteration by iteration, parameter by parameter.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from reference_files import load_reference
 import torch
 
 from dali_scp.presets import recipe
@@ -28,10 +28,7 @@ COCO_CLASSES = 80
 
 @pytest.fixture(scope="module")
 def reference():
-    with np.load(REF) as z:
-        ref = {k: z[k] for k in z.files}
-    ref["info"] = json.loads(str(ref["info"]))
-    return ref
+    return load_reference(REF)
 
 
 _models = {}
