@@ -39,8 +39,8 @@ class CocoLoader:
     ``shuffle=True`` (training) reads in ``dali_scp.order``'s order: a fresh permutation every epoch of the
     images that have annotations (crowd regions count; images without any are skipped, as mmdetection's
     ``filter_empty_gt`` does), drawn from ``seed`` and the epoch, this process's share of it (``shard_id``
-    of ``num_shards``), repeat factors when ``repeat_threshold`` > 0. ``infinite=True`` (the trainer, the profiler) is one
-    endless stream, as mmdetection's infinite sampler: epochs follow each other inside a batch, so a
+    of ``num_shards``), repeat factors when ``repeat_threshold`` > 0. ``infinite=True`` (the trainer, the
+    profiler) is one endless stream, as mmdetection's infinite sampler: epochs follow each other inside a batch, so a
     dataset smaller than a batch still fills batches and no batch is ever run and then dropped. The
     stream is read in windows of ``window_batches`` batches, one reader pipeline each (its ``images``
     list); ``state()`` is the window, the batches taken from it and DALI's checkpoint of its pipeline,

@@ -8,14 +8,16 @@ Why a side environment: mmdetection and mmengine stay out of the project's insta
 
 What it does, per seed config (``CONFIGS``, shipped in the mmdet wheel) and total batch (``BATCHES``: the
 recipe's 64 and 16, one process): sets the training dataloader's batch size and turns on the config's own
-``auto_scale_lr`` (base_batch_size 64), builds a real ``mmengine.runner.Runner`` from the config, and then
-does what ``Runner.train`` does before its loop - ``build_optim_wrapper``, ``scale_lr``,
-``build_param_scheduler`` - and what the loop does to the learning rate: for every iteration of
-``max_iters`` it records the learning rate the optimiser holds, then calls ``ParamSchedulerHook.after_train_iter``
-(every iteration-based scheduler steps). The dataloader is never built. Recorded: the learning rate of every
-iteration (float64, compressed: the schedule is piecewise constant after the warm-up), and per parameter of
-the model (mmdetection's names): requires_grad and the lr, weight decay, momentum, dampening and nesterov of
-its parameter group, plus the optimiser wrapper's type, gradient clipping and accumulation.
+``auto_scale_lr`` (base_batch_size 64), builds a real ``mmengine.runner.Runner`` from the config (its dataset
+pointed at a 4-image synthetic set; one gloo process, which MMSyncBN needs to be built), and then does what
+``Runner.train`` does before its loop - ``build_train_loop`` (the dataloader is built, never iterated),
+``build_optim_wrapper``, ``scale_lr``, ``build_param_scheduler`` - and what the loop does to the learning
+rate: for every iteration of the loop's ``max_iters`` it records the learning rate the optimiser holds, then
+calls ``ParamSchedulerHook.after_train_iter`` (every iteration-based scheduler steps). Recorded: the learning
+rate of every iteration (float64, compressed: the schedule is piecewise constant after the warm-up); per
+parameter of the model (mmdetection's names) requires_grad, whether the optimiser holds it, and the weight
+decay, momentum, dampening and nesterov of its group; the optimiser wrapper's type, gradient clipping and
+accumulation.
 """
 from __future__ import annotations
 
@@ -114,7 +116,11 @@ def setup() -> None:
     init_default_scope("mmdet")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=OUT, help=f"default {OUT}")
+    a = p.parse_args(argv)
     setup()
     import mmdet
     import mmengine
@@ -133,9 +139,9 @@ def main() -> int:
                   f"schedulers {info['schedulers']}, {time.time() - t0:.0f} s", flush=True)
     meta = dict(configs=infos, versions=dict(mmdet=mmdet.__version__, mmengine=mmengine.__version__,
                                              torch=torch.__version__))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, **arrays, info=np.array(json.dumps(meta, default=str)))
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e3:.0f} kB)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(a.out, **arrays, info=np.array(json.dumps(meta, default=str)))
+    print(f"wrote {a.out} ({a.out.stat().st_size / 1e3:.0f} kB)")
     return 0
 
 

@@ -68,7 +68,8 @@ def draw(split, pipeline="ssj_scp", samples=SAMPLES, seed=0) -> dict:
                 per_sample[k].append(v)
             obj["w"].append(boxes[:, 2] - boxes[:, 0])
             obj["h"].append(boxes[:, 3] - boxes[:, 1])
-            obj["mask_area"].append(t["masks"].numpy().sum(axis=(1, 2)))
+            m = t["masks"].numpy()
+            obj["mask_area"].append(np.count_nonzero(m.reshape(len(m), -1), axis=1))
             obj["pasted"].append(pasted)
     out = {k: np.array(v, np.float64) for k, v in per_sample.items()}
     out.update({f"object_{k}": np.concatenate(v).astype(np.float64) for k, v in obj.items()})

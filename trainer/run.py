@@ -78,9 +78,9 @@ def parse_args(argv=None):
 
 def lr_lambda(r: Recipe):
     """The learning-rate factor of iteration ``it`` as mmengine steps the seed's LinearLR (begin 0, end
-    ``warmup_iters``) and MultiStepLR: linear from ``warmup_factor`` at 0 to 1 at ``warmup_iters - 1`` (mmengine
-    divides by end - begin - 1; mmcv 1.x's warm-up, and detectron2's, reach 1 one iteration later), times
-    ``gamma`` per milestone passed."""
+    ``warmup_iters``) and MultiStepLR: linear from ``warmup_factor`` at 0 to 1 at ``warmup_iters - 1``
+    (mmengine divides by end - begin - 1; mmdetection 2.x's warm-up, and detectron2's, reach 1 one
+    iteration later), times ``gamma`` per milestone passed."""
     def f(it: int) -> float:
         warm = 1.0 if r.warmup_iters <= 1 else \
             r.warmup_factor + (1 - r.warmup_factor) * min(it / (r.warmup_iters - 1), 1.0)
