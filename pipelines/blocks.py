@@ -67,32 +67,42 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
     """Resize + random crop + flip in *one* resampling pass, and the same affine map for the polygon
     vertices. The crop window is expressed as a (possibly flipped) ROI of the source image, so only
     the pixels that survive the crop are resampled. Returns padded images (S x S), the transformed
-    vertices and the per-sample geometry (resize factor, valid height/width, flip) for debugging."""
+    vertices and the per-sample geometry (``pipelines.outputs.Geometry``: resize factor, valid
+    height/width, flip, crop offset).
+
+    The numbers are mmdetection's (RandomResize, Resize keep_ratio, RandomCrop absolute_range, RandomFlip;
+    tests/test_ssj_statistics.py compares their statistics with its pipeline's): the square's side is
+    int(S * s); the image is resized to int(x * r + 0.5) per axis, so each axis has its own scale
+    (mmdetection's ``scale_factor``); the crop offset is uniform over 0..margin *inclusive* (numpy's
+    randint(0, margin + 1)). Sizes in float64, as mmcv computes them in Python floats."""
     S = float(cfg.out_size)
-    h, w = stored_shape(jpegs)
+    h, w = (fn.cast(v, dtype=types.FLOAT64) for v in stored_shape(jpegs))
     lo, hi = cfg.scale_range
     s = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-    r = _fit_scale(h, w, S * s, S * s)
-    rh, rw = h * r, w * r
-    oh = dmath.max(dmath.min(dmath.floor(rh + 0.5), S), 1.0)
-    ow = dmath.max(dmath.min(dmath.floor(rw + 0.5), S), 1.0)
-    oy = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * dmath.max(rh - oh, 0.0))
-    ox = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * dmath.max(rw - ow, 0.0))
-    y0, y1 = oy / r, (oy + oh) / r
-    x0, x1 = ox / r, (ox + ow) / r
-    flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT) if cfg.flip_prob > 0 else 0.0
+    side = dmath.floor(fn.cast(S * s, dtype=types.FLOAT64)) if hi > lo else float(int(S * lo))
+    r = _fit_scale(h, w, side, side)
+    nh = dmath.max(dmath.floor(h * r + 0.5), 1.0)  # the resized image
+    nw = dmath.max(dmath.floor(w * r + 0.5), 1.0)
+    ky, kx = nh / h, nw / w
+    oh, ow = dmath.min(nh, S), dmath.min(nw, S)  # the crop window
+    oy = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (nh - oh + 1.0)), nh - oh)
+    ox = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (nw - ow + 1.0)), nw - ow)
+    y0, y1 = oy / ky, (oy + oh) / ky
+    x0, x1 = ox / kx, (ox + ow) / kx
+    flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT64) if cfg.flip_prob > 0 else 0.0
     xs = x0 + flip * (x1 - x0)
     xe = x1 - flip * (x1 - x0)
-    images = fn.resize(images, size=fn.stack(oh, ow), roi_start=fn.stack(y0, xs), roi_end=fn.stack(y1, xe),
+    f32 = lambda *v: fn.stack(*(fn.cast(x, dtype=types.FLOAT) for x in v))  # noqa: E731
+    images = fn.resize(images, size=f32(oh, ow), roi_start=f32(y0, xs), roi_end=f32(y1, xe),
                        interp_type=types.INTERP_LINEAR, antialias=True)
     # pad bottom/right to S x S: a crop window anchored at the origin that extends past the image
     # (crop_mirror_normalize's padding is ~3x cheaper on the CPU than fn.pad)
     images = fn.crop_mirror_normalize(images, crop=(cfg.out_size, cfg.out_size), crop_pos_x=0.0, crop_pos_y=0.0,
                                       out_of_bounds_policy="pad", fill_values=float(cfg.pad_value),
                                       dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
-    kx, ky = ow / (xe - xs), oh / (y1 - y0)
-    vertices = vertices * fn.stack(kx, ky) - fn.stack(xs * kx, y0 * ky)
-    geometry = fn.stack(r, oh, ow, flip)
+    kx = (1.0 - 2.0 * flip) * kx  # x' = kx * (x - x0), mirrored: kx * (x1 - x)
+    vertices = vertices * f32(kx, ky) - f32(xs * kx, y0 * ky)
+    geometry = f32(r, oh, ow, flip, oy, ox)
     return images, vertices, geometry
 
 
