@@ -47,7 +47,8 @@ def draw_choices(rng: np.random.Generator, counts, cfg: CopyPaste) -> Choices:
             picks.append(np.zeros(0, np.int64))
             continue
         n = counts[src[b]]
-        k = int(rng.integers(0, min(n, cfg.max_num_pasted) + 1))
+        # mmdetection's randint(0, min(n + 1, max_num_pasted)): at most max_num_pasted - 1 objects
+        k = int(rng.integers(0, max(min(n + 1, cfg.max_num_pasted), 1)))
         picks.append(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64))
     return Choices(src=src, picks=picks)
 

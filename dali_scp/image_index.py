@@ -21,7 +21,7 @@ import numpy as np
 from dali_scp.files import atomic_write, cache_dir
 from dali_scp.lvis import image_file
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: image_anns
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ImageIndex:
     cat_names: np.ndarray        # [C] str
     image_cat_ptr: np.ndarray    # [n + 1] int64: image i holds the (non-crowd) categories ...
     image_cats: np.ndarray       # ... image_cats[ptr[i]:ptr[i + 1]] (distinct, sorted)
+    image_anns: np.ndarray       # [n] int64: annotations of image i, crowd ones included
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -45,10 +46,13 @@ class ImageIndex:
         ids = np.array([int(im["id"]) for im in images], np.int64)
         row = {int(i): k for k, i in enumerate(ids)}
         per_image: list[set] = [set() for _ in images]
+        anns = np.zeros(len(images), np.int64)
         for a in doc.get("annotations", []):
             k = row.get(int(a.get("image_id", -1)))
-            if k is not None and not a.get("iscrowd", 0):
-                per_image[k].add(int(a["category_id"]))
+            if k is not None:
+                anns[k] += 1
+                if not a.get("iscrowd", 0):
+                    per_image[k].add(int(a["category_id"]))
         counts = np.array([len(s) for s in per_image], np.int64)
         ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         flat = np.array([c for s in per_image for c in sorted(s)], np.int64)
@@ -56,7 +60,7 @@ class ImageIndex:
         return cls(file_names=np.array([image_file(im) for im in images], dtype=str),
                    image_ids=ids, cat_ids=np.array([int(c["id"]) for c in cats], np.int64),
                    cat_names=np.array([str(c.get("name", c["id"])) for c in cats], dtype=str),
-                   image_cat_ptr=ptr, image_cats=flat)
+                   image_cat_ptr=ptr, image_cats=flat, image_anns=anns)
 
     def save(self, path: Path) -> None:
         atomic_write(path, lambda f: np.savez(f, **{k: getattr(self, k) for k in self.__dataclass_fields__}))

@@ -63,31 +63,44 @@ def _fit_scale(h, w, long_side, short_side):
     return dmath.min(long_side / dmath.max(h, w), short_side / dmath.min(h, w))
 
 
+def _stacked(dtype, *values):
+    return fn.stack(*(fn.cast(v, dtype=dtype) for v in values))
+
+
 def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter, resampler: str = "dali", stages: list | None = None):
     """Resize + random crop + flip in *one* resampling pass, and the same affine map for the polygon
     vertices. The crop window is expressed as a (possibly flipped) ROI of the source image, so only
     the pixels that survive the crop are resampled (``resample_window``: which library does it).
-    Returns padded images (S x S), the transformed vertices and the per-sample geometry (resize factor,
-    valid height/width, flip) for debugging."""
+    Returns padded images (S x S), the transformed vertices and the per-sample geometry
+    (``pipelines.outputs.Geometry``: resize factor, valid height/width, flip, crop offset).
+
+    The numbers are mmdetection's (RandomResize, Resize keep_ratio, RandomCrop absolute_range, RandomFlip;
+    tests/test_ssj_statistics.py compares their statistics with its pipeline's): the square's side is
+    int(S * s); the image is resized to int(x * r + 0.5) per axis, so each axis has its own scale
+    (mmdetection's ``scale_factor``); the crop offset is uniform over 0..margin *inclusive* (numpy's
+    randint(0, margin + 1)). Sizes in float64, as mmcv computes them in Python floats."""
     S = float(cfg.out_size)
-    h, w = stored_shape(jpegs)
+    h, w = (fn.cast(v, dtype=types.FLOAT64) for v in stored_shape(jpegs))
     lo, hi = cfg.scale_range
     s = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-    r = _fit_scale(h, w, S * s, S * s)
-    rh, rw = h * r, w * r
-    oh = dmath.max(dmath.min(dmath.floor(rh + 0.5), S), 1.0)
-    ow = dmath.max(dmath.min(dmath.floor(rw + 0.5), S), 1.0)
-    oy = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * dmath.max(rh - oh, 0.0))
-    ox = dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * dmath.max(rw - ow, 0.0))
-    y0, y1 = oy / r, (oy + oh) / r
-    x0, x1 = ox / r, (ox + ow) / r
-    flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT) if cfg.flip_prob > 0 else 0.0
+    side = dmath.floor(fn.cast(S * s, dtype=types.FLOAT64)) if hi > lo else float(int(S * lo))
+    r = _fit_scale(h, w, side, side)
+    nh = dmath.max(dmath.floor(h * r + 0.5), 1.0)  # the resized image
+    nw = dmath.max(dmath.floor(w * r + 0.5), 1.0)
+    ky, kx = nh / h, nw / w
+    oh, ow = dmath.min(nh, S), dmath.min(nw, S)  # the crop window
+    oy = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (nh - oh + 1.0)), nh - oh)
+    ox = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (nw - ow + 1.0)), nw - ow)
+    y0, y1 = oy / ky, (oy + oh) / ky
+    x0, x1 = ox / kx, (ox + ow) / kx
+    flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT64) if cfg.flip_prob > 0 else 0.0
     xs = x0 + flip * (x1 - x0)
     xe = x1 - flip * (x1 - x0)
-    images = resample_window(images, fn.stack(y1, xe, y0, xs, oh, ow, r, oy, ox, flip), cfg, resampler, stages)
-    kx, ky = ow / (xe - xs), oh / (y1 - y0)
-    vertices = vertices * fn.stack(kx, ky) - fn.stack(xs * kx, y0 * ky)
-    geometry = fn.stack(r, oh, ow, flip)
+    window = _stacked(types.FLOAT64, y1, xe, y0, xs, oh, ow, ky, kx, oy, ox, flip)
+    images = resample_window(images, window, cfg, resampler, stages)
+    kx = (1.0 - 2.0 * flip) * kx  # x' = kx * (x - x0), mirrored: kx * (x1 - x)
+    vertices = vertices * _stacked(types.FLOAT, kx, ky) - _stacked(types.FLOAT, xs * kx, y0 * ky)
+    geometry = _stacked(types.FLOAT, r, oh, ow, flip, oy, ox)
     return images, vertices, geometry
 
 
@@ -95,9 +108,9 @@ RESAMPLERS = ("dali", "torch")
 
 
 def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages: list | None = None):
-    """The jitter's pixels from ``window``, a ``dali_scp.resample.Window`` vector per sample (a region of
-    the source, and the same region as whole pixels of the resized image). ``dali``: DALI's
-    ``fn.resize`` over the region (the GPU pipelines); ``torch``: the CPU pipelines' ``ResampleStage``,
+    """The jitter's pixels from ``window``, a ``dali_scp.resample.Window`` vector per sample (float64: a
+    region of the source, and the same region as whole pixels of the image resized by a scale per axis).
+    ``dali``: DALI's ``fn.resize`` over the region (the GPU pipelines); ``torch``: the CPU pipelines' ``ResampleStage``,
     several times faster there (``dali_scp.resample``; its stage object is appended to ``stages``). Both
     antialiased bilinear, padded bottom/right to S x S with ``cfg.pad_value``.
     Both read the random draws through the one ``window`` node: DALI seeds its random operators by
@@ -111,7 +124,8 @@ def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages:
                                   bytes_per_sample_hint=[cfg.out_size * cfg.out_size * 3])
     if resampler != "dali":
         raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, not {resampler!r}")
-    images = fn.resize(images, size=window[4:6], roi_start=window[2:4], roi_end=window[0:2],
+    f32 = lambda v: fn.cast(v, dtype=types.FLOAT)  # noqa: E731
+    images = fn.resize(images, size=f32(window[4:6]), roi_start=f32(window[2:4]), roi_end=f32(window[0:2]),
                        interp_type=types.INTERP_LINEAR, antialias=True)
     # pad bottom/right to S x S: a crop window anchored at the origin that extends past the image
     # (crop_mirror_normalize's padding is ~3x cheaper on the CPU than fn.pad)

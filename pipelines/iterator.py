@@ -36,10 +36,11 @@ class CocoLoader:
     xyxy, ``labels`` [n] int64 (contiguous, 1..C), ``masks`` [n, S, S] uint8, ``image_id`` int and
     ``pasted`` [n] bool, ``geometry`` (a ``pipelines.outputs.Geometry``).
 
-    ``shuffle=True`` reads in ``dali_scp.order``'s order: a fresh permutation of the whole dataset every
-    epoch drawn from ``seed`` and the epoch, this process's share of it (``shard_id`` of ``num_shards``),
-    repeat factors when ``repeat_threshold`` > 0. ``infinite=True`` (the trainer, the profiler) is one
-    endless stream, as mmdetection's infinite sampler: epochs follow each other inside a batch, so a
+    ``shuffle=True`` (training) reads in ``dali_scp.order``'s order: a fresh permutation every epoch of the
+    images that have annotations (crowd regions count; images without any are skipped, as mmdetection's
+    ``filter_empty_gt`` does), drawn from ``seed`` and the epoch, this process's share of it (``shard_id``
+    of ``num_shards``), repeat factors when ``repeat_threshold`` > 0. ``infinite=True`` (the trainer, the
+    profiler) is one endless stream, as mmdetection's infinite sampler: epochs follow each other inside a batch, so a
     dataset smaller than a batch still fills batches and no batch is ever run and then dropped. The
     stream is read in windows of ``window_batches`` batches, one reader pipeline each (its ``images``
     list); ``state()`` is the window, the batches taken from it and DALI's checkpoint of its pipeline,
@@ -63,6 +64,14 @@ class CocoLoader:
         n_images = len(index)
         if n_images == 0:
             raise ValueError(f"{split.annotations}: no image left to read (see `python -m dali_scp.check`)")
+        if shuffle:  # training reads only images with annotations, as mmdetection's filter_empty_gt
+            trained = np.flatnonzero(index.image_anns > 0)
+            if len(trained) == 0:
+                raise ValueError(f"{split.annotations}: no image has an annotation; nothing to train on")
+            if len(trained) < n_images:
+                log.info("training on the %d of %d images that have annotations (mmdetection's filter_empty_gt)",
+                         len(trained), n_images)
+            n_images = len(trained)
         stream = shard_id
         if num_shards > n_images:
             # every process needs an image: processes share them, each with its own random stream
@@ -75,10 +84,10 @@ class CocoLoader:
                            annotations=annotations, stream_id=stream, stages=self.stages, resampler=resampler)
         self.order = None
         if shuffle:
-            rf = repeat_factors(index.image_cat_ptr, index.image_cats, repeat_threshold) if repeat_threshold > 0 \
-                else None
+            rf = repeat_factors(index.image_cat_ptr, index.image_cats, repeat_threshold)[trained] \
+                if repeat_threshold > 0 else None
             self.order = TrainingOrder(n_images, seed, shard_id, num_shards, rf)
-            self._names = index.file_names
+            self._names = index.file_names[trained]
         else:
             self._build.update(shard_id=shard_id, num_shards=num_shards, shuffle=False)
         self.infinite = infinite

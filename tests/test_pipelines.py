@@ -63,7 +63,7 @@ def test_images_are_scaled_by_the_preset_range(syn_train):
         data, _ = batches(name, syn_train, n_batches=3, seed=2)
         for images, targets in data:
             for img, t in zip(images, targets):
-                r, vh, vw, _ = t["geometry"]
+                r, vh, vw = t["geometry"][:3]
                 assert vh <= OUT and vw <= OUT
                 # the image content ends at the valid region, the rest is padding
                 assert img[int(vh):, :].max(initial=0) == 0 and img[:, int(vw):].max(initial=0) == 0
@@ -99,7 +99,8 @@ def test_multi_part_objects_keep_every_part(syn_train, syn_ann):
 
 
 def test_empty_images_and_everything_cropped_away_pass_through(tmp_path):
-    """One object covers the top-left quarter; a 4x zoom keeps a random 1/16, often without it."""
+    """One object covers the top-left quarter; a 4x zoom keeps a random 1/16, often without it. Read in
+    file order: training's shuffled order skips the two images without annotations."""
     from PIL import Image, ImageDraw
     from dali_scp.dataset import resolve
     (tmp_path / "train2017").mkdir()
@@ -121,7 +122,7 @@ def test_empty_images_and_everything_cropped_away_pass_through(tmp_path):
     for seed in range(3):
         for p in ("zoom", "zoom_scp"):
             pr = preset if p == "zoom" else replace(preset, copy_paste=pipeline_preset("ssj_scp").copy_paste)
-            data, _ = batches(pr, split, n_batches=1, batch_size=8, seed=seed)
+            data, _ = batches(pr, split, n_batches=1, batch_size=8, seed=seed, shuffle=False)
             for images, targets in data:
                 assert images.shape == (8, 64, 64, 3)
                 counts += [len(t["labels"]) for t in targets]
@@ -173,7 +174,9 @@ def test_outputs_are_named_once_and_geometry_reads_the_vector():
     with pytest.raises(ValueError):
         ordered(OUTPUTS, images=0)
     g = Geometry.from_row(np.array([1.25, 300.0, 256.0, 1.0], np.float32))
-    assert g == (1.25, 300, 256, True) and g.valid_h == 300 and g.flipped
+    assert g == (1.25, 300, 256, True, 0, 0) and g.valid_h == 300 and g.flipped  # evaluation's 4-vector
+    g = Geometry.from_row(np.array([1.25, 300.0, 256.0, 0.0, 17.0, 3.0], np.float32))
+    assert g == (1.25, 300, 256, False, 17, 3) and g.crop_y == 17 and g.crop_x == 3
 
 
 def test_each_pipeline_times_its_own_stages(syn_train):

@@ -10,30 +10,33 @@ S = 96  # canvas
 
 
 def _cases():
-    """(image h, w, window): downscales down to 0.12 (antialiasing), upscales, flips, windows on either
-    edge, a scale of exactly 1, and windows whose rows (columns) end where the image does while the
-    scale is not 1 (torch keeps such a dimension unresampled unless told otherwise)."""
+    """(image h, w, window) as the jitter draws them (``pipelines.blocks.scale_jitter``: each axis resized
+    to whole pixels, so a scale per axis; the offset uniform over 0..margin): downscales down to 0.12
+    (antialiasing), upscales, flips, windows on either edge, a scale of exactly 1, and windows whose rows
+    (columns) end where the image does while the scale is not 1 (torch keeps such a dimension unresampled
+    unless told otherwise)."""
     rng = np.random.default_rng(0)
     out = []
     for k in range(24):
         h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
-        s = [0.12, 0.45, 0.93, 1.0, 1.31, 2.6][k % 6]
-        rh, rw = h * s, w * s
-        oh, ow = max(min(int(np.floor(rh + 0.5)), S), 1), max(min(int(np.floor(rw + 0.5)), S), 1)
-        top = int(np.floor(rng.random() * max(rh - oh, 0.0)))
-        left = int(np.floor(rng.random() * max(rw - ow, 0.0)))
-        out.append((h, w, s, top, left, oh, ow, bool(k % 4 >= 2)))
-    out.append((100, 70, 1.1, 10, 3, 90, 70, False))   # top + height == h, scale 1.1
-    out.append((60, 100, 0.9, 0, 10, 54, 80, True))     # left + width == w... scaled: 0.9 * 100 = 90 columns
-    out.append((50, 64, 1.5, 25, 32, 50, 64, True))     # both end on the image's last row and column
+        r = [0.12, 0.45, 0.93, 1.0, 1.31, 2.6][k % 6]
+        nh, nw = max(int(np.floor(h * r + 0.5)), 1), max(int(np.floor(w * r + 0.5)), 1)
+        oh, ow = min(nh, S), min(nw, S)
+        top = int(np.floor(rng.random() * (nh - oh + 1)))
+        left = int(np.floor(rng.random() * (nw - ow + 1)))
+        out.append((h, w, nh / h, nw / w, top, left, oh, ow, bool(k % 4 >= 2)))
+    out.append((100, 70, 1.1, 77 / 70, 10, 3, 90, 70, False))   # top + height == h, scale 1.1
+    out.append((60, 100, 54 / 60, 0.9, 0, 10, 54, 80, True))    # left + width == 90 columns of the resized image
+    out.append((50, 64, 1.5, 1.5, 10, 14, 40, 50, True))        # both end on the image's last row and column
+    out.append((41, 57, 5 / 41, 7 / 57, 0, 0, 5, 7, False))     # the axes' scales 0.122 and 0.123
     return out
 
 
-def _window(h, w, s, top, left, oh, ow, flip) -> Window:
-    y0, y1, x0, x1 = top / s, (top + oh) / s, left / s, (left + ow) / s
+def _window(h, w, sy, sx, top, left, oh, ow, flip) -> Window:
+    y0, y1, x0, x1 = top / sy, (top + oh) / sy, left / sx, (left + ow) / sx
     if flip:
         x0, x1 = x1, x0
-    return Window(y1, x1, y0, x0, oh, ow, s, top, left, flip)
+    return Window(y1, x1, y0, x0, oh, ow, sy, sx, top, left, flip)
 
 
 def _dali_resize(images, windows):

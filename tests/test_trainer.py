@@ -29,8 +29,8 @@ def test_presets_are_the_seed_recipes():
     assert (cp.max_num_pasted, cp.bbox_occluded_thr, cp.mask_occluded_thr, cp.paste_prob) == (100, 10, 300, 1.0)
     assert pipeline_preset("ssj").copy_paste is None
     f = run_mod.lr_lambda(recipe("r50_ssj_scp_90k"))
-    assert f(0) == pytest.approx(0.067) and f(250) == pytest.approx(0.067 + 0.933 / 2)
-    assert [f(i) for i in (500, 80999)] == [1.0, 1.0]
+    assert f(0) == pytest.approx(0.067) and f(1) == pytest.approx(0.067 + 0.933 / 499)  # mmengine's LinearLR
+    assert [f(i) for i in (499, 500, 80999)] == [1.0, 1.0, 1.0]
     assert [f(i) for i in (81000, 85500, 87750)] == pytest.approx([0.1, 0.01, 0.001])
     assert "demo" in RECIPES
 

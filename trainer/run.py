@@ -77,10 +77,24 @@ def parse_args(argv=None):
 
 
 def lr_lambda(r: Recipe):
+    """The learning-rate factor of iteration ``it`` as mmengine steps the seed's LinearLR (begin 0, end
+    ``warmup_iters``) and MultiStepLR: linear from ``warmup_factor`` at 0 to 1 at ``warmup_iters - 1``
+    (mmengine divides by end - begin - 1; mmdetection 2.x's warm-up, and detectron2's, reach 1 one
+    iteration later), times ``gamma`` per milestone passed."""
     def f(it: int) -> float:
-        warm = r.warmup_factor + (1 - r.warmup_factor) * it / r.warmup_iters if it < r.warmup_iters else 1.0
+        warm = 1.0 if r.warmup_iters <= 1 else \
+            r.warmup_factor + (1 - r.warmup_factor) * min(it / (r.warmup_iters - 1), 1.0)
         return warm * r.gamma ** sum(it >= s for s in r.steps)
     return f
+
+
+def build_optimizer(model, r: Recipe, lr: float):
+    """SGD over every trainable parameter (weight decay on all of them, BN and biases included) and the
+    per-iteration schedule, as mmengine builds them from the seed configs (tests/test_schedule.py): ``lr``
+    is the recipe's scaled to the run's total batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r))
 
 
 def compute_losses(model, images, targets, amp: bool, device: str) -> dict:
@@ -196,9 +210,7 @@ def train(a) -> dict:
     model = model.to(device)
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=r.momentum, weight_decay=r.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(r))
+    opt, sched = build_optimizer(model, r, cfg.lr)
     scaler = torch.amp.GradScaler(device, enabled=cfg.amp_enabled)
     start, data_state = resume(cfg, d, model, opt, sched, scaler) if cfg.resume else (0, None)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None) \
