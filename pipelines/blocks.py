@@ -14,10 +14,10 @@ from dali_scp.deps import require_dali
 
 require_dali()
 import nvidia.dali.math as dmath  # noqa: E402
-from nvidia.dali import fn, types  # noqa: E402
+from nvidia.dali import Pipeline, fn, types  # noqa: E402
 
 from dali_scp import presets  # noqa: E402
-from pipelines.stages import CopyPasteStage, RasterizeStage  # noqa: E402
+from pipelines.stages import CopyPasteStage, RasterizeStage, ResampleStage  # noqa: E402
 
 READER_NAME = "Reader"
 
@@ -63,12 +63,16 @@ def _fit_scale(h, w, long_side, short_side):
     return dmath.min(long_side / dmath.max(h, w), short_side / dmath.min(h, w))
 
 
-def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
+def _stacked(dtype, *values):
+    return fn.stack(*(fn.cast(v, dtype=dtype) for v in values))
+
+
+def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter, resampler: str = "dali", stages: list | None = None):
     """Resize + random crop + flip in *one* resampling pass, and the same affine map for the polygon
     vertices. The crop window is expressed as a (possibly flipped) ROI of the source image, so only
-    the pixels that survive the crop are resampled. Returns padded images (S x S), the transformed
-    vertices and the per-sample geometry (``pipelines.outputs.Geometry``: resize factor, valid
-    height/width, flip, crop offset).
+    the pixels that survive the crop are resampled (``resample_window``: which library does it).
+    Returns padded images (S x S), the transformed vertices and the per-sample geometry
+    (``pipelines.outputs.Geometry``: resize factor, valid height/width, flip, crop offset).
 
     The numbers are mmdetection's (RandomResize, Resize keep_ratio, RandomCrop absolute_range, RandomFlip;
     tests/test_ssj_statistics.py compares their statistics with its pipeline's): the square's side is
@@ -92,18 +96,42 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter):
     flip = fn.cast(fn.random.coin_flip(probability=cfg.flip_prob), dtype=types.FLOAT64) if cfg.flip_prob > 0 else 0.0
     xs = x0 + flip * (x1 - x0)
     xe = x1 - flip * (x1 - x0)
-    f32 = lambda *v: fn.stack(*(fn.cast(x, dtype=types.FLOAT) for x in v))  # noqa: E731
-    images = fn.resize(images, size=f32(oh, ow), roi_start=f32(y0, xs), roi_end=f32(y1, xe),
+    window = _stacked(types.FLOAT64, y1, xe, y0, xs, oh, ow, ky, kx, oy, ox, flip)
+    images = resample_window(images, window, cfg, resampler, stages)
+    kx = (1.0 - 2.0 * flip) * kx  # x' = kx * (x - x0), mirrored: kx * (x1 - x)
+    vertices = vertices * _stacked(types.FLOAT, kx, ky) - _stacked(types.FLOAT, xs * kx, y0 * ky)
+    geometry = _stacked(types.FLOAT, r, oh, ow, flip, oy, ox)
+    return images, vertices, geometry
+
+
+RESAMPLERS = ("dali", "torch")
+
+
+def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages: list | None = None):
+    """The jitter's pixels from ``window``, a ``dali_scp.resample.Window`` vector per sample (float64: a
+    region of the source, and the same region as whole pixels of the image resized by a scale per axis).
+    ``dali``: DALI's ``fn.resize`` over the region (the GPU pipelines); ``torch``: the CPU pipelines' ``ResampleStage``,
+    several times faster there (``dali_scp.resample``; its stage object is appended to ``stages``). Both
+    antialiased bilinear, padded bottom/right to S x S with ``cfg.pad_value``.
+    Both read the random draws through the one ``window`` node: DALI seeds its random operators by
+    their position in the graph, so the draws (and the masks and boxes) are the same whichever resampler
+    runs, and the CPU and GPU pipelines of one seed agree."""
+    if resampler == "torch":
+        stage = ResampleStage(cfg.out_size, cfg.pad_value, threads=Pipeline.current().num_threads)
+        if stages is not None:
+            stages.append(stage)
+        return fn.python_function(images, window, function=stage, batch_processing=True,
+                                  bytes_per_sample_hint=[cfg.out_size * cfg.out_size * 3])
+    if resampler != "dali":
+        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, not {resampler!r}")
+    f32 = lambda v: fn.cast(v, dtype=types.FLOAT)  # noqa: E731
+    images = fn.resize(images, size=f32(window[4:6]), roi_start=f32(window[2:4]), roi_end=f32(window[0:2]),
                        interp_type=types.INTERP_LINEAR, antialias=True)
     # pad bottom/right to S x S: a crop window anchored at the origin that extends past the image
     # (crop_mirror_normalize's padding is ~3x cheaper on the CPU than fn.pad)
-    images = fn.crop_mirror_normalize(images, crop=(cfg.out_size, cfg.out_size), crop_pos_x=0.0, crop_pos_y=0.0,
-                                      out_of_bounds_policy="pad", fill_values=float(cfg.pad_value),
-                                      dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
-    kx = (1.0 - 2.0 * flip) * kx  # x' = kx * (x - x0), mirrored: kx * (x1 - x)
-    vertices = vertices * f32(kx, ky) - f32(xs * kx, y0 * ky)
-    geometry = f32(r, oh, ow, flip, oy, ox)
-    return images, vertices, geometry
+    return fn.crop_mirror_normalize(images, crop=(cfg.out_size, cfg.out_size), crop_pos_x=0.0, crop_pos_y=0.0,
+                                    out_of_bounds_policy="pad", fill_values=float(cfg.pad_value),
+                                    dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
 
 
 def fit_resize(jpegs, images, cfg: presets.EvalResize):
@@ -149,7 +177,7 @@ def copy_paste(images, masks, boxes, cat_ids, cfg: presets.CopyPaste, out_size: 
                start_batch: int = 0, stages: list | None = None):
     """Returns images, masks (bit-packed, padded), boxes, category ids and the ``pasted`` flags. The
     stage object is appended to ``stages``."""
-    stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch)
+    stage = CopyPasteStage(cfg, seed=seed, start_batch=start_batch, threads=Pipeline.current().num_threads)
     if stages is not None:
         stages.append(stage)
     rows = MAX_INSTANCES + min(MAX_INSTANCES, cfg.max_num_pasted)  # a destination's own + pasted objects

@@ -25,11 +25,11 @@ from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, ordered  # noqa: E402,F401 
 @pipeline_def
 def instance_segmentation_pipeline(files: blocks.CocoFiles, preset: PipelinePreset, device: str,
                                    shard_id: int, num_shards: int, shuffle: bool, cp_seed: int, start_batch: int = 0,
-                                   stages: list | None = None, images: list | None = None):
+                                   stages: list | None = None, images: list | None = None, resampler: str = "dali"):
     jpegs, cat_ids, polygons, vertices, image_ids = blocks.coco_reader(files, shard_id, num_shards, shuffle,
                                                                        images=images)
     images = blocks.decode(jpegs, device)
-    images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter)
+    images, vertices, geometry = blocks.scale_jitter(jpegs, images, vertices, preset.jitter, resampler, stages)
     masks, boxes, cat_ids = blocks.instance_masks(polygons, vertices, cat_ids, preset.jitter.out_size, device, stages)
     if preset.copy_paste is not None:
         images, masks, boxes, cat_ids, pasted = blocks.copy_paste(images, masks, boxes, cat_ids, preset.copy_paste,
@@ -73,7 +73,8 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
           num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True,
           out_size: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
           annotations: str | None = None, checkpoint: str | None = None, start_batch: int = 0,
-          stream_id: int | None = None, stages: list | None = None, images: list | None = None, window: int = 0):
+          stream_id: int | None = None, stages: list | None = None, images: list | None = None, window: int = 0,
+          resampler: str | None = None):
     """Build (not yet run) a pipeline. ``seed`` fixes every random choice, so the same seed gives the
     same batches; each stream (default: each shard; ``stream_id`` when processes share a shard) and each
     ``window`` of a training stream gets its own random choices. ``images``: the file names to read, in
@@ -81,7 +82,8 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
     JSON the reader uses (the dataset check passes its filtered copy). ``checkpoint`` (DALI's, of this
     pipeline) and ``start_batch`` (the number of batches it has run before) resume its exact data stream.
     ``stages`` (a list) receives the pipeline's custom stage objects, whose timers are this pipeline's
-    alone."""
+    alone. ``resampler`` (``blocks.RESAMPLERS``): who resamples the jittered images, by default torch on
+    the CPU and DALI on the GPU (``blocks.resample_window``)."""
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
@@ -91,6 +93,7 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
     pipe = instance_segmentation_pipeline(
         files=files, preset=preset, device=device, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
         cp_seed=cp_seed, start_batch=start_batch, stages=stages, images=images, batch_size=batch_size,
+        resampler=resampler or ("torch" if device == "cpu" else "dali"),
         num_threads=num_threads, device_id=dali_device_id(device, device_id), seed=pipe_seed,
         prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True, checkpoint=checkpoint)
     pipe.build()

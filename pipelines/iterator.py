@@ -46,13 +46,14 @@ class CocoLoader:
     list); ``state()`` is the window, the batches taken from it and DALI's checkpoint of its pipeline,
     which is all a resume (``checkpoint=``) needs to continue bit for bit. Otherwise one epoch: shuffled
     with the partial last batch dropped, or in file order with it kept (``shuffle=False``, every image of
-    the shard exactly once)."""
+    the shard exactly once). ``resampler``: who resamples the jittered images (``pipelines.coco.build``)."""
 
     def __init__(self, pipeline: str, split: CocoSplit, batch_size: int = 8, device: str = "cpu",
                  num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  shuffle: bool = True, out_size: int | None = None, device_id: int | None = None,
                  annotations: str | None = None, infinite: bool = False, check: bool = True,
-                 checkpoint: dict | None = None, repeat_threshold: float = 0.0, window_batches: int | None = None):
+                 checkpoint: dict | None = None, repeat_threshold: float = 0.0, window_batches: int | None = None,
+                 resampler: str | None = None):
         self.split = split
         self.check_report = None
         if annotations is None and check:
@@ -80,7 +81,7 @@ class CocoLoader:
         self.stages: list = []  # the custom stages of this loader's pipelines (their timers)
         self._build = dict(pipeline=pipeline, split=split, batch_size=batch_size, device=device,
                            num_threads=num_threads, seed=seed, out_size=out_size, device_id=device_id,
-                           annotations=annotations, stream_id=stream, stages=self.stages)
+                           annotations=annotations, stream_id=stream, stages=self.stages, resampler=resampler)
         self.order = None
         if shuffle:
             rf = repeat_factors(index.image_cat_ptr, index.image_cats, repeat_threshold)[trained] \

@@ -86,7 +86,8 @@ def _summary(lat, wall, cpu, batch, threads):
                 cpu_cores_busy=cpu / wall)
 
 
-def profile_decode(split, device, batch, threads, warmup, iters, annotations):
+def decode_pipeline(split, device, batch, threads, annotations):
+    """Reader + decoder only, on the same files: the floor under every pipeline (``decode-only``)."""
     from nvidia.dali import pipeline_def
     from pipelines import blocks
 
@@ -97,11 +98,16 @@ def profile_decode(split, device, batch, threads, warmup, iters, annotations):
 
     pipe = decode_only(batch_size=batch, num_threads=threads, device_id=dali_device_id(device), seed=1)
     pipe.build()
+    return pipe
+
+
+def profile_decode(split, device, batch, threads, warmup, iters, annotations):
+    pipe = decode_pipeline(split, device, batch, threads, annotations)
     lat, wall, cpu = _timed_loop(pipe.run, warmup, iters)
     return _summary(lat, wall, cpu, batch, threads)
 
 
-def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_size, annotations):
+def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_size, annotations, resampler=None):
     from pipelines import coco, stages
     from pipelines.iterator import CocoLoader
     preset = pipeline_preset(name, out_size)
@@ -112,7 +118,8 @@ def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_siz
         sync = torch.cuda.synchronize
     # raw pipeline runs (no PyTorch), with the stage timers of this pipeline's stages
     custom = []
-    pipe = coco.build(preset, split, batch, device, threads, annotations=annotations, stages=custom)
+    pipe = coco.build(preset, split, batch, device, threads, annotations=annotations, stages=custom,
+                      resampler=resampler)
 
     def run():
         out = pipe.run()
@@ -127,7 +134,7 @@ def profile_pipeline(name, split, device, batch, threads, warmup, iters, out_siz
     del pipe
     # through DALI's PyTorch iterator, as the trainer consumes it
     loader = CocoLoader(preset, split, batch_size=batch, device=device, num_threads=threads, infinite=True,
-                        annotations=annotations)
+                        annotations=annotations, resampler=resampler)
     it = iter(loader)
     lat, wall, cpu = _timed_loop(lambda: next(it), warmup, iters, sync=sync, on_batch=gpu.sample)
     res = _summary(lat, wall, cpu, batch, threads)
@@ -180,7 +187,7 @@ def machine_facts() -> dict:
 
 
 def run(pipelines, coco_root=None, device="cpu", batch=8, threads=2, iters=20, warmup=3, baseline=False,
-        out_size=None, progress=True, dataset: str = "coco") -> dict:
+        out_size=None, progress=True, dataset: str = "coco", resampler: str | None = None) -> dict:
     from dali_scp.check import checked_annotations
     split = ds.resolve(coco_root, "train2017", dataset)
     ann, _ = checked_annotations(split.annotations, split.images_dir, progress=progress)
@@ -191,7 +198,7 @@ def run(pipelines, coco_root=None, device="cpu", batch=8, threads=2, iters=20, w
     out["results"].append(dec)
     dec_ms = 1e3 * batch / dec["images_per_s"]
     for name in pipelines:
-        r = profile_pipeline(name, split, device, batch, threads, warmup, iters, out_size, ann)
+        r = profile_pipeline(name, split, device, batch, threads, warmup, iters, out_size, ann, resampler)
         st = r["stage_ms"]
         r["breakdown_ms"] = {
             "read+decode": dec_ms,
@@ -257,13 +264,15 @@ def _main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--out-size", type=int, default=None, help="canvas side (default: the preset's 1024)")
     p.add_argument("--baseline", action="store_true", help="also time the PyTorch DataLoader baseline")
+    p.add_argument("--resampler", default=None, choices=["dali", "torch"],
+                   help="who resamples the jittered images (default: torch on the CPU, DALI on the GPU)")
     p.add_argument("--json", default=None, help="write all figures and machine facts here")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = list(PIPELINES) if "all" in a.pipeline else list(dict.fromkeys(a.pipeline))
     out = run(names, a.coco_root, a.device, a.batch_size, a.threads, a.iters, a.warmup, a.baseline, a.out_size,
-              dataset=a.dataset)
+              dataset=a.dataset, resampler=a.resampler)
     out["command"] = "python -m pipelines.profile " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_table(out))
     if a.json:

@@ -8,13 +8,15 @@ import functools
 import logging
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from dali_scp import xp as xpm
 from dali_scp.copy_paste import copy_paste_packed, copy_paste_packed_batched, draw_choices
 from dali_scp.presets import CopyPaste
-from dali_scp.raster import rasterize_batch, rasterize_packed_batch
+from dali_scp.raster import rasterize_packed_batch
+from dali_scp.resample import Resampler, Window
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,20 @@ def _empty_copy_paste(self, images, masks, boxes, cat_ids):
             [xp.zeros((0,), xp.uint8) for _ in images])
 
 
+_POOLS: dict = {}  # threads -> ThreadPoolExecutor, one per size per process
+
+
+def worker_pool(threads: int):
+    """The CPU stages' helper threads (None for one thread). Shared by every stage and pipeline of the
+    process: a training run opens a pipeline per window of its data stream, and threads per stage object
+    would pile up; the stages of one pipeline run one after another anyway."""
+    if threads <= 1:
+        return None
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dali_scp_stage")
+    return _POOLS[threads]
+
+
 def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
     """``arena`` while it holds [b, >= rows, *plane], else a new all-zero uint8 array with room for at
     least ``spare_rows`` objects. Why the stages keep one: faulting in fresh pages for objects x 1024^2
@@ -89,50 +105,64 @@ def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
     return arena
 
 
-class RasterizeStage:
-    """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. On the GPU they are
-    rasterised straight into packed bits (``rasterize_packed_batch``: 20 kernels, two host syncs per
-    batch). On the CPU the dense masks are written into a reused zero buffer (re-zeroed box by
-    box), because faulting in fresh pages for objects x 1024^2 bytes costs more than rasterising, then
-    packed window by window; both forms are tested equal bit for bit."""
-    name = "masks"
+def _empty_canvases(self, images, windows):
+    return [np.full((self.size, self.size, 3), self.pad_value, np.uint8) for _ in images]
 
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
+
+class ResampleStage:
+    """The CPU pipelines' resize + crop + flip + pad (``dali_scp.resample``; why not DALI's CPU resize:
+    there). DALI runs a ``python_function`` after the operators before it, not beside them, so the
+    samples are spread over ``threads`` threads (torch's kernel releases the GIL), as DALI spreads its
+    own operators over the pipeline's threads. Writes into one reused batch array: DALI copies a stage's
+    outputs on return, and a fresh array per batch would fault in its pages every time."""
+    name = "resample"
+
+    def __init__(self, size: int, pad_value: int = 0, threads: int = 1):
+        self.size, self.pad_value, self.threads = size, pad_value, max(int(threads), 1)
+        self._resamplers = [Resampler() for _ in range(self.threads)]  # a scratch buffer per thread
         self._arena = None
         self.seconds, self.calls = 0.0, 0
 
     def forget_buffers(self):
         self._arena = None
 
-    def _buffer(self, b: int, kmax: int):
-        self._arena = _reused_zeros(self._arena, b, kmax, (self.height, self.width), 32)
-        return self._arena
+    def _share(self, k: int, images, windows):
+        for i in range(k, len(images), self.threads):
+            self._resamplers[k](images[i], Window.from_row(windows[i]), self._arena[i], self.pad_value)
 
-    @staticmethod
-    def _pack_windows(masks, boxes):
-        """Pack each object's box (byte-aligned) into a zero packed batch and re-zero the box in the
-        dense buffer: cost follows the objects' area, not objects x H x W."""
-        b, kmax, h, w = len(masks), masks[0].shape[0] if masks else 0, *masks[0].shape[1:]
-        packed = np.zeros((b, kmax, h, w // 8), np.uint8)
-        for i, (m, bx) in enumerate(zip(masks, boxes)):
-            for j, (x0, y0, x1, y1) in enumerate(bx.astype(np.int64)):
-                c0, c1 = x0 // 8, (x1 + 7) // 8
-                win = m[j, y0:y1, c0 * 8:c1 * 8]
-                packed[i, j, y0:y1, c0:c1] = np.packbits(win, axis=-1)
-                win[...] = 0
-        return list(packed)
+    @guarded(_empty_canvases)
+    def __call__(self, images, windows):
+        b = len(images)
+        if self._arena is None or self._arena.shape[0] != b:
+            self._arena = np.empty((b, self.size, self.size, 3), np.uint8)
+        if self.threads == 1 or b == 1:
+            for k in range(self.threads):
+                self._share(k, images, windows)
+        else:
+            pool = worker_pool(self.threads)
+            for f in [pool.submit(self._share, k, images, windows) for k in range(self.threads)]:
+                f.result()
+        return list(self._arena)
+
+
+class RasterizeStage:
+    """Masks leave bit-packed: 1/8 of the bytes through DALI and into PyTorch. They are rasterised
+    straight into packed bits (``rasterize_packed_batch``): 20 kernels and two host syncs per batch on
+    the GPU, their NumPy twins on the CPU, where writing the packed bytes of each span costs less than
+    the dense writer's byte per pixel and packing (measured in the pipeline: 8-15 against 13-28 ms per
+    batch of 8 at 1024^2; ``dali_scp.raster``'s tests hold both writers equal bit for bit)."""
+    name = "masks"
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+        self.seconds, self.calls = 0.0, 0
+
+    def forget_buffers(self):
+        pass
 
     @guarded(_empty_masks)
     def __call__(self, polygons, vertices, cat_ids):
-        xp = xpm.get_xp(*vertices)
-        if xp is not np:
-            return rasterize_packed_batch(polygons, vertices, cat_ids, self.height, self.width, xp)
-        counts = [int(c.shape[0]) for c in cat_ids]
-        out = self._buffer(len(counts), max(counts, default=0))
-        masks, boxes, kept = rasterize_batch(polygons, vertices, counts, self.height, self.width, np, out=out)
-        kept_ids = [np.ascontiguousarray(c.reshape(-1)[k]).astype(np.int32) for c, k in zip(cat_ids, kept)]
-        return self._pack_windows(masks, boxes), boxes, kept_ids
+        return rasterize_packed_batch(polygons, vertices, cat_ids, self.height, self.width, xpm.get_xp(*vertices))
 
 
 class CopyPasteStage:
@@ -146,15 +176,17 @@ class CopyPasteStage:
     name = "copy_paste"
     _warned_single = False
 
-    def __init__(self, cfg: CopyPaste, seed: int = 0, start_batch: int = 0):
+    def __init__(self, cfg: CopyPaste, seed: int = 0, start_batch: int = 0, threads: int = 1):
         self.cfg = cfg
         self.seconds, self.calls = 0.0, 0
+        self.threads = max(int(threads), 1)  # the CPU form composites images in ``worker_pool`` threads
         self.seed = seed
         self.batch = start_batch
-        self._arena, self._written = None, []  # reused output buffer (DALI copies outputs on return)
+        self._arena, self._written = None, []  # reused output buffers (DALI copies outputs on return)
+        self._images = None
 
     def forget_buffers(self):
-        self._arena, self._written = None, []
+        self._arena, self._written, self._images = None, [], None
 
     def _buffer(self, b: int, n: int, h: int, wb: int):
         for i, j, win in self._written:  # re-zero what the last batch wrote
@@ -177,4 +209,8 @@ class CopyPasteStage:
             return copy_paste_packed_batched(images, masks, boxes, cat_ids, choices, self.cfg, xp)
         cap = sum(len(c) for c in cat_ids)  # enough for any destination's kept + pasted
         out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
-        return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written)
+        shape = (len(images), *images[0].shape) if len(images) else None
+        if shape and (self._images is None or self._images.shape != shape):
+            self._images = np.empty(shape, np.uint8)
+        return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written,
+                                 worker_pool(self.threads), self._images)

@@ -187,29 +187,34 @@ def test_each_pipeline_times_its_own_stages(syn_train):
     coco.build("ssj_scp", syn_train, batch_size=2, out_size=128, stages=idle)
     a.run()
     a.run()
-    assert [s.name for s in ran] == [s.name for s in idle] == ["masks", "copy_paste"]
+    assert [s.name for s in ran] == [s.name for s in idle] == ["resample", "masks", "copy_paste"]
     assert all(s.calls >= 2 and s.seconds > 0 for s in ran)
     assert all(s.calls == 0 and s.seconds == 0 for s in idle)
 
 
 def test_a_stage_that_failed_mid_write_starts_the_next_batch_from_zeros(monkeypatch):
-    """The CPU mask stage reuses one zeroed buffer; a failure after writing into it must not leak
-    those pixels into the next batch's masks."""
+    """The CPU copy-paste stage reuses one zeroed mask buffer (it re-zeroes only the windows it wrote);
+    a failure after writing into it must not leak those pixels into the next batch's masks."""
     import pipelines.stages as st
+    from dali_scp.presets import CopyPaste
     from pipelines.gpu_budget import coco_like_batch
     b = coco_like_batch(3, 8, 64, 0)
-    fresh = st.RasterizeStage(64, 64)(b.polygons, b.vertices, b.cat_ids)
-    stage = st.RasterizeStage(64, 64)
-    real = st.rasterize_batch
+    masks, boxes, cats = st.RasterizeStage(64, 64)(b.polygons, b.vertices, b.cat_ids)
+    inputs = (b.images, masks, boxes, cats)
+    fresh = st.CopyPasteStage(CopyPaste(), seed=1)(*inputs)
+    stage = st.CopyPasteStage(CopyPaste(), seed=1)
+    real = st.copy_paste_packed
 
-    def dirty_then_fail(*a, out=None, **k):
-        out[...] = 1
+    def dirty_then_fail(*a):
+        a[6][...] = 1  # out
         raise ValueError("planted failure")
-    monkeypatch.setattr(st, "rasterize_batch", dirty_then_fail)
-    stage(b.polygons, b.vertices, b.cat_ids)
+    monkeypatch.setattr(st, "copy_paste_packed", dirty_then_fail)
+    stage(*inputs)
     with pytest.raises(st.StageFailed, match="planted failure"):
         st.raise_if_failed()
-    monkeypatch.setattr(st, "rasterize_batch", real)
-    again = stage(b.polygons, b.vertices, b.cat_ids)
-    for x, y in zip(fresh[0], again[0]):
+    monkeypatch.setattr(st, "copy_paste_packed", real)
+    stage.batch = 0  # the same random draws as ``fresh``
+    again = stage(*inputs)
+    assert sum(len(x) for x in fresh[3]) > 0
+    for x, y in zip(fresh[1], again[1]):
         np.testing.assert_array_equal(x, y)
