@@ -106,14 +106,14 @@ DALI_ATOMIC_RMW(int) DALI_ATOMIC_RMW(unsigned int) DALI_ATOMIC_RMW(long long) DA
 
 /* --- errors: the first one of a launch is kept and returned to Python -------------------------------- */
 static char dali_err[512];
+static int dali_failed;  /* the first of several threads that fail writes the message */
 static void dali_fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 static void dali_fail(const char* fmt, ...) {
-    if (!dali_err[0]) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(dali_err, sizeof dali_err, fmt, ap);
-        va_end(ap);
-    }
+    if (__atomic_exchange_n(&dali_failed, 1, __ATOMIC_ACQ_REL)) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(dali_err, sizeof dali_err, fmt, ap);
+    va_end(ap);
 }
 
 /* a fault ends the emulated thread: back to the _setjmp in dali_run_thread, on the thread's own stack */
@@ -353,6 +353,7 @@ static void dali_run_grid() {
 extern "C" __attribute__((visibility("default"))) const char* dali_emu_launch(
         void* const* args, const unsigned int* grid, const unsigned int* block, int reverse, int poison) {
     dali_err[0] = 0;
+    dali_failed = 0;
     dali_args = args;
     gridDim = {grid[0], grid[1], grid[2]};
     blockDim = {block[0], block[1], block[2]};

@@ -112,7 +112,7 @@ def _program(k, mode: str) -> str:
             + f"static void dali_emu_entry(void* const* a) {{ {k.name}({call}); }}\n")
 
 
-_LOCK = threading.Lock()
+_LOCK, _RUN_LOCK = threading.Lock(), threading.Lock()
 _LIBS: dict[str, ctypes.CDLL] = {}
 _VERSION: dict[str, str] = {}
 
@@ -294,7 +294,8 @@ class EmulatedDevice:
                     values[i:i + 1].view(np.uint8)[:a.nbytes] = np.frombuffer(a.tobytes(), np.uint8)
             argv = (ctypes.c_void_p * max(len(host), 1))(*[values.ctypes.data + 8 * i for i in range(len(host))])
             g3, b3 = (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block)
-            err = lib.dali_emu_launch(argv, g3, b3, int(cfg.reverse), cfg.poison)
+            with _RUN_LOCK:  # a library's launch state is global: one launch at a time
+                err = lib.dali_emu_launch(argv, g3, b3, int(cfg.reverse), cfg.poison)
             self.runs += 1
             where = f"{k.name} [{cfg.name}: grid {grid} block {block}]"
             if err:

@@ -73,7 +73,8 @@ def _copy_project(dst: Path) -> None:
 
 
 def _run_tests(tree: Path, cache: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree), DALI_SCP_CACHE=cache, PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=str(tree), DALI_SCP_CACHE=cache, PYTHONDONTWRITEBYTECODE="1",
+               COLUMNS="1000")  # pytest cuts its summary lines to the terminal's width
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", TEST, "-k",
                         "every_kernel"], cwd=tree, env=env, capture_output=True, text=True)
