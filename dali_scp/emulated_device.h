@@ -126,7 +126,7 @@ struct DaliSourceLocation { const char* file; unsigned int line, column; };
 struct DaliTypeDescriptor { unsigned short kind, info; char name[1]; };
 struct DaliTypeMismatch { DaliSourceLocation loc; const DaliTypeDescriptor* type; unsigned char log_alignment, kind; };
 extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1(DaliTypeMismatch* d, void* p) {
-    dali_fail("misaligned access: a '%s' (%u-byte aligned) at address %p, line %u column %u of the kernel "
+    dali_fail("misaligned access: a %s (%u-byte aligned) at address %p, line %u column %u of the kernel "
               "(thread %u of block %u,%u)", d->type->name, 1u << d->log_alignment, p, d->loc.line, d->loc.column,
               threadIdx.x, blockIdx.x, blockIdx.y);
     dali_abort_thread();  /* (the sanitizer's handlers are declared nothrow: no exception can leave them) */

@@ -107,7 +107,8 @@ def _program(k, mode: str) -> str:
     launch's arguments."""
     call = ", ".join(f"*({t}*)a[{i}]" for i, t in enumerate(_declarations(k)))
     fibers = "__syncthreads" in k.source and mode != "thread"
-    return (f"#define DALI_EMU_FIBERS {int(fibers)}\n" + HEADER.read_text() + f'\n#line 1 "/raw-kernel/{k.name}.cu"\n'
+    return (f'#define DALI_EMU_FIBERS {int(fibers)}\n#line 1 "{HEADER}"\n' + HEADER.read_text()
+            + f'\n#line 1 "/raw-kernel/{k.name}.cu"\n'
             + k.source + f'\n#line 1 "/raw-kernel/{k.name}.entry"\n'
             + f"static void dali_emu_entry(void* const* a) {{ {k.name}({call}); }}\n")
 

@@ -16,8 +16,9 @@ from dali_scp.cupy_standin import StandIn
 
 
 def _sanitizer_report(stderr: str):
-    """The one line a sanitizer's report ends with (it names the kernel's file and line), or None."""
-    m = re.search(r"^SUMMARY: \w+Sanitizer: .*$", stderr, re.M)
+    """The line of a sanitizer's report that names the kernel's file and line (ASan's and TSan's summary,
+    UBSan's "runtime error"), or None."""
+    m = re.search(r"^SUMMARY: \w+Sanitizer: .*$", stderr, re.M) or re.search(r"^\S+: runtime error: .*$", stderr, re.M)
     return m.group(0) if m else None
 
 
@@ -26,7 +27,8 @@ def _check(p, summary, mode):
     report = _sanitizer_report(p.stderr)
     assert report is None, f"{report}\n{out}"
     assert summary is not None, f"the {mode} run ended without a summary: {out}"
-    assert not summary["failures"], "\n".join(summary["failures"][:20])
+    failures = summary["failures"]
+    assert not failures, f"{len(failures)} of {summary['cases']} cases failed, the first: " + "\n".join(failures[:20])
     assert summary["missing"] == [], f"registered kernels that never ran: {summary['missing']}"
     assert set(summary["ran"]) == set(xpm.KERNELS)
     assert p.returncode == 0, out
