@@ -50,7 +50,7 @@ _FLAGS = {  # -ffp-contract=off: a + b * c rounds twice, as in the twins and as 
                 "-fno-omit-frame-pointer"],
     "thread": ["-O1", "-g", "-DDALI_EMU_THREADS=1", "-fsanitize=thread"],
 }
-_RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
+RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}  # preloaded into Python for those modes
 ALIGN = 64       # copies keep the original's address modulo this
 CANARY = 64      # bytes after each copy (plain mode), checked after the launch; each copy's differ, so a
                  # byte read past one array and written past another is still seen
@@ -82,10 +82,10 @@ def sanitizer_env(mode: str) -> dict:
     env = _clean_env()
     if mode == "plain":
         return env
-    lib = subprocess.run([compiler(), f"-print-file-name={_RUNTIMES[mode]}"], capture_output=True, text=True,
+    lib = subprocess.run([compiler(), f"-print-file-name={RUNTIMES[mode]}"], capture_output=True, text=True,
                          env=env).stdout.strip()
     if not os.path.isabs(lib) or not os.path.exists(lib):
-        raise RuntimeError(f"{_RUNTIMES[mode]} not found by {compiler()} (the sanitizer runtimes come with gcc: "
+        raise RuntimeError(f"{RUNTIMES[mode]} not found by {compiler()} (the sanitizer runtimes come with gcc: "
                            "libasan8 / libtsan2 on Debian and Ubuntu)")
     env["LD_PRELOAD"] = lib
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86"

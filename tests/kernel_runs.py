@@ -6,7 +6,7 @@ twins; the stages' results are also checked against the CPU forms (dense rasteri
 reference).
 
     python tests/kernel_runs.py [--mode plain|address|thread] [--cases all|sanitizer] [--json FILE]
-    (address/thread: with the sanitizer's runtime preloaded, ``dali_scp.emulated_device.sanitizer_env``)
+    (address, thread: runs itself again in a Python with the sanitizer's runtime preloaded)
 
 Used by tests/test_emulated_device.py (a subprocess per mode: a kernel that crashes ends only that
 process), scripts/kernel_sanitizers.sh and scripts/kernel_mutations.py. Prints one JSON line:
@@ -265,6 +265,7 @@ def in_subprocess(mode: str, *args: str, timeout: float = 900):
     import subprocess
     from dali_scp.emulated_device import prepare, sanitizer_env
     prepare(list(xpm.KERNELS.values()), mode)  # compiled here, without the runtime preloaded
+    args = [x for i, x in enumerate(args) if x != "--mode" and (i == 0 or args[i - 1] != "--mode")]
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode", mode, *args], env=sanitizer_env(mode),
                        capture_output=True, text=True, timeout=timeout)
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
@@ -279,6 +280,13 @@ def main(argv=None) -> int:
     ap.add_argument("--planted", choices=("race", "overread"),
                     help="run only a planted bug (the sanitizer that should see it must end the run)")
     a = ap.parse_args(argv)
+    from dali_scp.emulated_device import RUNTIMES
+    if a.mode in RUNTIMES and RUNTIMES[a.mode] not in os.environ.get("LD_PRELOAD", ""):
+        # by hand: the same run again in a Python with the sanitizer's runtime preloaded
+        p, _ = in_subprocess(a.mode, *(argv if argv is not None else sys.argv[1:]))
+        sys.stdout.write(p.stdout)
+        sys.stderr.write(p.stderr)
+        return p.returncode
     summary = run_all(a.mode, a.cases, a.planted)
     line = json.dumps(summary)
     print(line, flush=True)
