@@ -13,6 +13,7 @@ setup(
     description="Simple Copy-Paste and scale jittering for Mask R-CNN on the GPU with NVIDIA DALI",
     python_requires=">=3.10",
     packages=find_packages(include=["dali_scp", "pipelines", "trainer"]),
+    package_data={"dali_scp": ["emulated_device.h"]},  # CUDA's vocabulary for the kernels run on the CPU
     install_requires=[
         "numpy>=1.23",
         "torch>=2.1",

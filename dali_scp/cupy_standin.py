@@ -244,8 +244,9 @@ class StandIn:
     """The module object: ``xp.zeros(...)``, ``xp.cumsum(...)``... as NumPy, with a meter."""
     ndarray = DeviceArray
 
-    def __init__(self):
+    def __init__(self, poison: int = POISON):
         self.meter = Meter()
+        self.poison = poison  # the byte ``empty`` fills new arrays with
         self.__name__ = "dali_scp.cupy_standin"
 
     def _wrap(self, r):
@@ -301,7 +302,7 @@ class StandIn:
     # creation
     def empty(self, shape, dtype=float):
         a = np.empty(shape, dtype)
-        a.view(np.uint8).fill(POISON)  # CuPy's empty is uninitialised device memory, not zeros
+        a.view(np.uint8).fill(self.poison)  # CuPy's empty is uninitialised device memory, not zeros
         return self._wrap(a)
 
     def empty_like(self, a, dtype=None):
@@ -341,10 +342,8 @@ class StandIn:
         getattr({"add": np.add, "min": np.minimum, "max": np.maximum}[kind], "at")(
             out._a, _unwrap(idx, "scatter"), _unwrap(vals, "scatter"))
 
-    def launch(self, kernel, grid: tuple, block: tuple, args: tuple):
-        """A raw CUDA kernel (``dali_scp.xp.RawKernel``): checked as CuPy and CUDA would check the launch,
-        and against its declared parameters; counted as one kernel; run as its NumPy twin with the
-        ``const`` inputs made read-only."""
+    def check_launch(self, kernel, grid: tuple, block: tuple, args: tuple):
+        """What CuPy and CUDA would refuse of a raw-kernel launch, and arguments against the declaration."""
         from dali_scp.xp import check_args
         if not (1 <= len(grid) <= 3 and 1 <= len(block) <= 3):
             raise ValueError(f"{kernel.name}: grid and block take 1 to 3 dimensions")
@@ -360,6 +359,12 @@ class StandIn:
             if not isinstance(a, (DeviceArray, np.generic, int, float, bool, list, tuple, type(None))):
                 raise TypeError(f"{kernel.name}: Unsupported type {type(a)}")
         check_args(kernel, args, DeviceArray)
+
+    def launch(self, kernel, grid: tuple, block: tuple, args: tuple):
+        """A raw CUDA kernel (``dali_scp.xp.RawKernel``): checked as CuPy and CUDA would check the launch,
+        and against its declared parameters; counted as one kernel; run as its NumPy twin with the
+        ``const`` inputs made read-only."""
+        self.check_launch(kernel, grid, block, args)
         self.meter.kernel("raw:" + kernel.name)
         host, frozen = [], []
         for p, a in zip(kernel.params, args):

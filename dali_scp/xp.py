@@ -4,7 +4,8 @@ CuPy stand-in ``dali_scp.cupy_standin``).
 Why a seam at all: the same code must run in CI (no GPU) and on the GPU, and the CPU twin is the
 reference the GPU path is tested against. The few calls that differ between the libraries are wrapped
 here and nowhere else, and so is the machinery of the raw CUDA kernels (``RawKernel``: source, declared
-parameters, NumPy twin; ``launch`` runs the twin on NumPy and through the stand-in, the kernel on CuPy).
+parameters, NumPy twin; ``launch`` runs the twin on NumPy and through the stand-in, the kernel on CuPy,
+and the kernel's source on CPU threads beside the twin inside ``emulated_device.emulate()``).
 """
 from __future__ import annotations
 
@@ -223,18 +224,27 @@ def blocks(n: int, threads: int = 256, cap: int = 65535) -> int:
 
 _COMPILED: dict = {}
 _SHADOW: list | None = None
+_EMULATOR = None  # dali_scp.emulated_device.emulate(): the kernel's source also runs, on the CPU
 
 
 def launch(xp, k: RawKernel, grid, block, *args) -> None:
-    """Run kernel ``k``: its twin on NumPy, counted through the stand-in, compiled and launched on CuPy."""
+    """Run kernel ``k``: its twin on NumPy, counted through the stand-in, compiled and launched on CuPy;
+    inside ``emulated_device.emulate()`` the kernel's own source also runs (on NumPy and the stand-in)."""
     grid = tuple(grid) if isinstance(grid, (tuple, list)) else (int(grid),)
     block = tuple(block) if isinstance(block, (tuple, list)) else (int(block),)
     if xp is np:
         check_args(k, args, np.ndarray)
-        k.twin(*args)
+        if _EMULATOR is not None:
+            _EMULATOR.launch(k, grid, block, args, lambda: k.twin(*args))
+        else:
+            k.twin(*args)
         return
     if is_standin(xp):
-        xp.launch(k, grid, block, args)
+        if _EMULATOR is not None:
+            xp.check_launch(k, grid, block, args)
+            _EMULATOR.launch(k, grid, block, args, lambda: xp.launch(k, grid, block, args))
+        else:
+            xp.launch(k, grid, block, args)
         return
     check_args(k, args, xp.ndarray)
     host = _shadow_inputs(k, args) if _SHADOW is not None else None
