@@ -93,6 +93,7 @@ class Recipe:
     gamma: float = 0.1
     norm: str = "SyncBN"
     backbone: str = "resnet50"
+    backbone_width: int = 64       # resnet50's stem / first-stage width (mmdetection's base_channels); narrower in tests
     trainable_layers: int = 5
     fpn_channels: int = 256        # torchvision / mmdetection defaults below; only `demo` shrinks them
     head_channels: int = 256

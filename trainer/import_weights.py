@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dali_scp.presets import MODEL_FIELDS, Recipe, recipe as get_recipe
+from trainer import checkpoint_reader
 
 SEED_ARCH = "mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all (ResNet-50, FPN with BN, 2-conv RPN, 4conv1fc box head and 4-conv mask head with BN)"
 
@@ -67,13 +68,10 @@ class Imported:
 
 
 def read_source(path: Path):
-    if not path.is_file():
-        raise NotImportable(f"{path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle of an unknown type, truncated zip, not a torch file
-        raise NotImportable(f"{path}: not a checkpoint torch.load(weights_only=True) can read "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    try:  # as data: mmengine's HistoryBuffer, optimiser or config objects are kept inert, never run
+        obj = checkpoint_reader.read(path).obj
+    except checkpoint_reader.CheckpointError as e:
+        raise NotImportable(str(e)) from None
     if not isinstance(obj, dict):
         raise NotImportable(f"{path}: expected a dict of tensors or {{'meta', 'state_dict'}}, got {type(obj).__name__}")
     if "model" in obj and "recipe" in obj:
@@ -138,9 +136,21 @@ def torchvision_coco_layout(sd: dict) -> tuple[int, list | None]:
     return len(keep) - 1, [_COCO_CATEGORIES[i] for i in keep[1:]]
 
 
+def class_names(meta, n: int) -> list | None:
+    """mmdetection 3.x: ``meta['dataset_meta']['classes']``; 2.x (mmcv's runner): ``meta['CLASSES']``."""
+    if not isinstance(meta, dict):
+        return None
+    dm = meta.get("dataset_meta")
+    classes = (dm.get("classes") if isinstance(dm, dict) else None) or meta.get("CLASSES")
+    ok = isinstance(classes, (list, tuple)) and len(classes) == n and all(isinstance(c, str) for c in classes)
+    return list(classes) if ok else None
+
+
 def widths(sd: dict, path: Path) -> dict:
-    """FPN and head widths read off the tensors; the model here ties the box head's fc to 4 x its convs."""
+    """Backbone, FPN and head widths read off the tensors; the model here ties the box head's fc to 4 x
+    its convs."""
     try:
+        bw = sd["backbone.body.conv1.weight"].shape[0]
         fpn = sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0]
         hc = sd["roi_heads.box_head.0.0.weight"].shape[0]
         fc = sd["roi_heads.box_head.5.weight"].shape[0]
@@ -149,7 +159,7 @@ def widths(sd: dict, path: Path) -> dict:
     if fc != 4 * hc:
         raise NotImportable(f"{path}: box head fc of {fc} channels after convs of {hc}; this model's fc is 4 x the "
                            "conv width (1024 after 256 in the seed)")
-    return dict(fpn_channels=fpn, head_channels=hc)
+    return dict(backbone_width=bw, fpn_channels=fpn, head_channels=hc)
 
 
 def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
@@ -162,8 +172,7 @@ def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
     if fmt == "mmdetection":
         sd, unused = rename_mmdet(sd)
         n = mmdet_class_layout(sd, path)
-        classes = (meta.get("dataset_meta") or {}).get("classes") if isinstance(meta, dict) else None
-        names = list(classes) if classes and len(classes) == n else None
+        names = class_names(meta, n)
         style = "mmdet"
         rpn_post = 1000
     else:
