@@ -304,7 +304,8 @@ def _array(shape: tuple, dtype: np.dtype, order: str, data) -> np.ndarray:
         data = bytes(data)
     if type(data) is not bytes or len(data) != n * dtype.itemsize:
         raise Refused(f"a NumPy array of shape {shape} and dtype {dtype} whose data is not {n * dtype.itemsize} bytes")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order).copy()
+    out = np.frombuffer(data, dtype=dtype).reshape(shape, order=order)
+    return out.astype(dtype.newbyteorder("="), order="K") if not dtype.isnative else out.copy(order="K")  # as NumPy unpickles
 
 
 def _np_reconstruct(u, subtype, shape, typecode):

@@ -351,7 +351,8 @@ def load_model_from_checkpoint(path: str, num_classes: int | None = None):
     from trainer.model import build_model
     state = ckpt.load(Path(path))
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise ckpt.CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe')")
+        raise ckpt.CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe'); convert "
+                                   "an mmdetection or torchvision checkpoint with python -m trainer.import_weights")
     try:
         recipe = Recipe.from_dict(state["recipe"])
     except (TypeError, KeyError) as e:
