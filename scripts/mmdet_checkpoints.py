@@ -4,6 +4,7 @@
     PYTHONPATH=$PWD /work/venvs/mmdet/bin/python scripts/mmdet_checkpoints.py mmdet3      # mmdet 3.3 / mmengine
     /work/venvs/mmcv1/bin/python scripts/mmdet_checkpoints.py mmcv1                       # mmcv 1.7 runner
     python scripts/mmdet_checkpoints.py torchvision                                        # any env with torchvision
+    PYTHONPATH=$PWD /work/venvs/mmdet/bin/python scripts/mmdet_checkpoints.py export      # export -> init_detector
 
 The mmcv 1.x venv: ``python3 -m venv --system-site-packages /work/venvs/mmcv1;
 MMCV_WITH_OPS=0 /work/venvs/mmcv1/bin/pip install --no-build-isolation mmcv==1.7.2`` (mmcv 1.x's pure-Python
@@ -29,6 +30,9 @@ convs 8, box-head fc 32, 3 classes):
   ``maskrcnn_resnet50_fpn_v2`` builder does (narrowed the same way) -> ``torchvision_state_dict.pth``.
 
 Each side appends what its files hold (state-dict digests, meta values) to ``reference.json``.
+
+- ``export``: mmdetection's ``init_detector`` on a checkpoint ``trainer.export_weights`` wrote
+  (``export_check``) -> ``tests/data/mmdet_export_reference.npz``.
 """
 from __future__ import annotations
 
@@ -257,6 +261,70 @@ def mmcv1() -> int:
     return 0
 
 
+# ------------------------------------------------------------------ export: back into mmdetection
+EXPORT_REF = ROOT / "tests" / "data" / "mmdet_export_reference.npz"
+
+
+def export_check() -> int:
+    """mmdet -> dali-scp -> mmdet: the seeded checkpoint of ``scripts/mmdet_reference.py`` (its committed key
+    list and seed) imported with ``trainer.import_weights`` and exported with ``trainer.export_weights``
+    (this project's CLIs, run here as a user runs them), then loaded by mmdetection's ``init_detector`` with
+    the seed config narrowed as in that script - its state-dict loader made strict, so a missing or
+    unexpected key fails here - and run on the reference images. Records the exported file's digest, what
+    init_detector read, and its detections (which must equal mmdet_reference.npz's: same weights, same code)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import mmdet_reference as mr
+    mr._stand_in_kernels()
+    import mmengine.runner.checkpoint as mc
+    from mmdet.apis import init_detector
+    from mmdet.structures import DetDataSample
+
+    z = np.load(mr.OUT, allow_pickle=False)
+    info = json.loads(str(z["info"]))
+    work = Path(tempfile.mkdtemp(prefix="mmdet_export_"))
+    meta = dict(info["meta"], dataset_meta=dict(classes=tuple(info["meta"]["dataset_meta"]["classes"])))
+    torch.save(dict(meta=meta, state_dict=mr.seeded_state_dict(info["spec"], info["seed"])), work / "seed.pth")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for cmd in (["trainer.import_weights", str(work / "seed.pth"), "--out", str(work / "ours.pth")],
+                ["trainer.export_weights", str(work / "ours.pth"), "--to", "mmdetection", "--out", str(work / "X.pth")]):
+        subprocess.run([sys.executable, "-m", *cmd], check=True, env=env)
+
+    strict_load = mc.load_state_dict
+    report = {}
+
+    def load_state_dict(module, state_dict, strict=False, logger=None):
+        mine = set(module.state_dict())
+        report.update(missing=sorted(mine - set(state_dict)), unexpected=sorted(set(state_dict) - mine))
+        return strict_load(module, state_dict, strict=True, logger=logger)
+    mc.load_state_dict = load_state_dict
+    cfg, _ = mr.build_mmdet_model()
+    model = init_detector(cfg, str(work / "X.pth"), device="cpu")
+    loaded = torch.load(work / "X.pth", map_location="cpu", weights_only=True)
+    assert all(torch.equal(v, loaded["state_dict"][k]) for k, v in model.state_dict().items())
+    assert report == dict(missing=[], unexpected=[]), report
+
+    imgs = mr.test_images()
+    samples = [DetDataSample(metainfo=dict(img_id=i, img_shape=im.shape[:2], ori_shape=im.shape[:2],
+                                           scale_factor=(1.0, 1.0))) for i, im in enumerate(imgs)]
+    data = dict(inputs=[torch.from_numpy(im[..., ::-1].copy()).permute(2, 0, 1) for im in imgs], data_samples=samples)
+    with torch.no_grad():
+        batch = model.data_preprocessor(data, False)
+        results = model.predict(batch["inputs"], batch["data_samples"], rescale=True)
+    out = dict(digest=np.array(digest(loaded["state_dict"])),
+               classes=np.array(model.dataset_meta["classes"]), missing=np.array(len(report["missing"])),
+               unexpected=np.array(len(report["unexpected"])))
+    for i, r in enumerate(results):
+        det = r.pred_instances
+        same = (np.array_equal(det.bboxes.numpy(), z[f"boxes{i}"]) and np.array_equal(det.scores.numpy(), z[f"scores{i}"])
+                and np.array_equal(np.packbits(det.masks.numpy(), axis=-1), z[f"masks{i}"]))
+        assert same, f"image {i}: init_detector's detections differ from mmdet_reference.npz's"
+        out.update({f"boxes{i}": det.bboxes.numpy(), f"scores{i}": det.scores.numpy(), f"labels{i}": det.labels.numpy()})
+    np.savez_compressed(EXPORT_REF, **out)
+    print(f"init_detector loaded {len(loaded['state_dict'])} tensors, 0 missing, 0 unexpected; detections equal "
+          f"mmdet_reference.npz's; wrote {EXPORT_REF} ({EXPORT_REF.stat().st_size / 1e3:.0f} kB)")
+    return 0
+
+
 # ------------------------------------------------------------------ torchvision
 def torchvision_file() -> int:
     from torch import nn
@@ -300,7 +368,7 @@ def torchvision_file() -> int:
 
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else ""
-    parts = dict(mmdet3=mmdet3, mmcv1=mmcv1, torchvision=torchvision_file)
+    parts = dict(mmdet3=mmdet3, mmcv1=mmcv1, torchvision=torchvision_file, export=export_check)
     if part not in parts:
         sys.exit(f"usage: {sys.argv[0]} {{{','.join(parts)}}}")
     sys.exit(parts[part]())
