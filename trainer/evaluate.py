@@ -388,8 +388,8 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by trainer.run")
     src.add_argument("--results", help="an existing COCO results JSON to score (no model)")
@@ -398,7 +398,7 @@ def _main(argv=None) -> int:
     cli.add_dataset_flag(p, default=None)  # None: the checkpoint's (coco for --results)
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch per process")
+    p.add_argument("--batch-size", type=cli.COUNT, default=4, help="images per batch per process")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER,
                    help=f"COCOeval implementation (default {DEFAULT_SCORER}; pycocotools: the reference, slower)")
     cli.add_debug_flag(p)

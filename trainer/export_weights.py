@@ -119,8 +119,8 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     from dali_scp import cli
     from dali_scp.files import atomic_write
-    p = argparse.ArgumentParser(prog="python -m trainer.export_weights", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m trainer.export_weights", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a dali-scp checkpoint (ckpt_*.pth, best.pth, or one trainer.import_weights wrote)")
     p.add_argument("--to", default="mmdetection", choices=("mmdetection",), help="target format (mmdetection 3.x)")
     p.add_argument("--out", required=True, help="the mmdetection checkpoint to write")

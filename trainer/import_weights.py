@@ -208,14 +208,14 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     from dali_scp import cli
     from dali_scp.files import atomic_write
-    p = argparse.ArgumentParser(prog="python -m trainer.import_weights", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m trainer.import_weights", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="mmdetection checkpoint (.pth with meta and state_dict) or torchvision state dict")
     p.add_argument("--out", required=True, help="the dali-scp checkpoint to write")
     p.add_argument("--recipe", default="r50_ssj_scp_270k",
                    help="recipe the checkpoint records (its evaluation resize and schedule); the model fields "
                         "follow the source (default: r50_ssj_scp_270k)")
-    p.add_argument("--num-classes", type=int, default=None, help="fail unless the checkpoint has this many classes")
+    p.add_argument("--num-classes", type=cli.COUNT, default=None, help="fail unless the checkpoint has this many classes")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     imp = convert(a.src, get_recipe(a.recipe), a.num_classes)
