@@ -352,3 +352,13 @@ def test_every_command_that_reads_checkpoints_refuses_in_one_line(syn_root, tmp_
         err = _one_plain_line(capsys.readouterr().err)
         assert "refused" in err and "posix.system" in err and not marker.exists()
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_compressed_records_and_unfilled_storages_are_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "bomb.pth", "w", zipfile.ZIP_DEFLATED) as z:  # torch only stores
+        z.writestr("archive/data.pkl", P2 + b"N.")
+    with pytest.raises(cr.CheckpointError, match="compressed"):
+        cr.read(tmp_path / "bomb.pth")
+    one = P2 + b"(" + S("storage") + G("torch", "FloatStorage") + S("0") + S("cpu") + b"K\x01NtQ."
+    with pytest.raises(cr.CheckpointError, match="does not match"):  # a storage its data never fills
+        cr.read(_legacy(tmp_path / "l.pth", one, []))

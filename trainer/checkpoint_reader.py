@@ -603,6 +603,8 @@ def _read_zip(path: Path, inert: Counter):
                 else "a zip file without torch's data.pkl"
             raise CheckpointError(f"{what}, not a checkpoint")
         prefix = pkls[0][: -len("data.pkl")]
+        if infos[pkls[0]].compress_type != zipfile.ZIP_STORED:  # a zip bomb in place of torch's stored record
+            raise CheckpointError("its data.pkl is compressed, which torch never writes")
         order = infos.get(prefix + "byteorder")
         swap = order is not None and zf.read(order).strip() == b"big"
         storages: dict[str, _Storage] = {}
@@ -619,6 +621,8 @@ def _read_zip(path: Path, inert: Counter):
                 return s
             info = infos.get(f"{prefix}data/{key}")
             nbytes = numel * dtype.itemsize
+            if info is not None and info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"storage {key} is compressed, which torch never writes")
             if info is None or info.file_size != nbytes:
                 raise CheckpointError(f"storage {key}: record {'missing' if info is None else f'of {info.file_size} bytes'}"
                                       f", its tensor needs {nbytes}")
@@ -691,7 +695,7 @@ def _read_legacy(path: Path, inert: Counter):
                 budget[0] -= numel * dtype.itemsize
                 if budget[0] < 0:
                     raise CheckpointError("its storages are larger than the file")
-                roots[root_key] = _Storage(torch.empty(numel, dtype=dtype))
+                roots[root_key] = _Storage(torch.zeros(numel, dtype=dtype))
             root = roots[root_key]
             if root.data.dtype != dtype:
                 raise Refused(f"storage {root_key} read as two dtypes")
@@ -707,7 +711,7 @@ def _read_legacy(path: Path, inert: Counter):
 
         obj = _unpickle(r, storage_of, str(path), inert)
         keys = _unpickle(r, no_storage, str(path), inert)
-        if type(keys) is not list or any(k not in roots for k in keys):
+        if type(keys) is not list or sorted(keys, key=str) != sorted(roots):
             raise CheckpointError("its list of storages does not match its pickle")
         for key in keys:
             dest = roots[key].data
