@@ -350,6 +350,7 @@ def test_run_cli_starts_from_init_weights_with_a_fresh_schedule(syn_root, tmp_pa
     assert summary["iteration"] == 1
     b = ckpt.load(ckpt.latest(tmp_path / "b"))
     assert b["iteration"] == 1 and len(b["optimizer"]["state"]) > 0
+    assert len(b["class_names"]) == b["num_classes"] - 1 and all(isinstance(n, str) for n in b["class_names"])
     assert json.loads((tmp_path / "b" / "config.json").read_text())["resolved"]["init_from"] == str(first)
     w0, w1 = ckpt.load(first)["model"], b["model"]
     k = "backbone.body.conv1.weight"
