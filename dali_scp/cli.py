@@ -108,6 +108,7 @@ def describe(e: BaseException) -> str:
     msg = _dali_summary(msg) or "; ".join(line.strip() for line in msg.splitlines() if line.strip())
     if len(msg) > 1000:
         msg = msg[:1000] + " ..."
+    msg = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in msg)  # names from files: no terminal escapes
     if not isinstance(e, _INPUT_ERRORS) or not msg:
         msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     return msg

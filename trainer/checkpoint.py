@@ -85,8 +85,29 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     n = s["numpy"]
     if isinstance(n, dict):
+        if not torch.is_tensor(n["key"]) or n["key"].shape != (624,):  # MT19937's key
+            raise CheckpointError("NumPy's RNG key in the checkpoint is not 624 numbers")
         n = (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     np.random.set_state(n)  # else: the tuple of a checkpoint of the previous format
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def check_optimizer_state(state: dict, params: list, path) -> None:
+    """Before ``optimizer.load_state_dict`` (which converts every state tensor to its parameter's dtype and
+    walks any container it finds): each parameter's state is a flat dict of numbers and tensors no larger
+    than the parameter, so a crafted file cannot make that conversion allocate more than the model."""
+    ok = isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)
+    ids = [i for g in state["param_groups"] if isinstance(g, dict) and isinstance(g.get("params"), list)
+           for i in g["params"]] if ok else []
+    sizes = dict(zip(ids, (p.numel() for p in params)))
+    for i, entry in state["state"].items() if ok else ():
+        if not isinstance(entry, dict) or not all(
+                v is None or type(v) in (int, float, bool) or torch.is_tensor(v) and v.numel() <= sizes.get(i, 1)
+                for v in entry.values()):
+            ok = False
+            break
+    if not ok:
+        raise CheckpointError(f"{path}: its optimizer state is not one this trainer writes (per parameter: "
+                              "numbers and tensors no larger than the parameter)")

@@ -67,6 +67,11 @@ class Imported:
     missing: list
 
 
+def _names(keys: list, n: int = 3) -> str:
+    """The first tensor names of a source file, printable (a crafted key cannot clear the terminal)."""
+    return ", ".join(checkpoint_reader.printable(k, 80) for k in keys[:n])
+
+
 def read_source(path: Path):
     try:  # as data: mmengine's HistoryBuffer, optimiser or config objects are kept inert, never run
         obj = checkpoint_reader.read(path).obj
@@ -77,7 +82,7 @@ def read_source(path: Path):
     if "model" in obj and "recipe" in obj:
         raise NotImportable(f"{path}: already a dali-scp checkpoint; pass it to trainer.evaluate or --init-from directly")
     sd, meta = (obj["state_dict"], obj.get("meta") or {}) if isinstance(obj.get("state_dict"), dict) else (obj, {})
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if type(k) is str and torch.is_tensor(v)}
     if any(k.startswith("backbone.body.") for k in sd):
         return "torchvision", sd, meta
     if any(k.startswith("backbone.conv1.") or k.startswith("backbone.layer1.") for k in sd):
@@ -184,12 +189,13 @@ def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
     if num_classes is not None and n != num_classes:
         raise NotImportable(f"{path}: the checkpoint has {n} classes, --num-classes says {num_classes}")
     r = replace(base, **widths(sd, path), **{f: style for f in MODEL_FIELDS}, rpn_post_nms_train=rpn_post)
-    target = build_model(r, n + 1).state_dict()
+    with torch.device("meta"):  # shapes and dtypes only: sizes read off the file allocate nothing before they match
+        target = build_model(r, n + 1).state_dict()
     missing = [k for k in target if k not in sd]
     unused += [k for k in sd if k not in target]
     if missing:
         raise NotImportable(f"{path}: not the seed's architecture {SEED_ARCH}: {len(missing)} tensors missing, "
-                           f"e.g. {', '.join(missing[:3])}; unused: {', '.join(unused[:3]) or 'none'}")
+                           f"e.g. {', '.join(missing[:3])}; unused: {_names(unused) or 'none'}")
     for k, v in target.items():
         if sd[k].shape != v.shape:
             raise NotImportable(f"{path}: not the seed's architecture {SEED_ARCH}: {k} has shape "
@@ -223,7 +229,7 @@ def _main(argv=None) -> int:
     n = imp.state["num_classes"] - 1
     layout = "background moved first" if imp.source_format == "mmdetection" else "background first as before"
     print(f"{a.src}: {imp.source_format} checkpoint: {imp.mapped} tensors mapped, {len(imp.unused)} unused"
-          f"{' (' + ', '.join(imp.unused[:3]) + ')' if imp.unused else ''}, {len(imp.missing)} missing; "
+          f"{' (' + _names(imp.unused) + ')' if imp.unused else ''}, {len(imp.missing)} missing; "
           f"{n} classes, {layout}; anchor order unchanged -> {a.out}")
     return 0
 

@@ -173,7 +173,10 @@ def load_backbone_weights(trunk: nn.Module, path: str) -> None:
     from trainer.checkpoint_reader import read
     sd = read(p).obj
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()}
+    if not isinstance(sd, dict):
+        raise ValueError(f"--backbone-weights {path}: not a state dict (a {type(sd).__name__})")
+    sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()
+          if type(k) is str and torch.is_tensor(v)}
     missing, unexpected = trunk.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing:

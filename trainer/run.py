@@ -131,6 +131,7 @@ def resume(cfg: RunConfig, d: dist_utils.Dist, model, opt, sched, scaler) -> tup
     path = ckpt.latest(cfg.run_dir)
     state = ckpt.load(path)
     model.load_state_dict(state["model"])
+    ckpt.check_optimizer_state(state["optimizer"], [p for g in opt.param_groups for p in g["params"]], path)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
