@@ -12,11 +12,10 @@ import io
 import json
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 import pickle_gadgets
+from checkpoint_files import P2, G, S, legacy_file, legacy_storage, pid, tensor, tensor_pickle, zip_file
 from trainer import checkpoint as ckpt
 from trainer import checkpoint_reader as cr
 from trainer import import_weights
@@ -155,42 +155,103 @@ def _values():
         plain=dict(s={1, 2}, f=frozenset({"a"}), c=complex(1, 2), by=b"\x00\xff", ba=bytearray(b"ab"), t=(1, "x"),
                    sl=slice(1, 5, 2), none=None, nested=[[1, 2.5], {"k": "v"}]),
         rng=np.random.RandomState(3).get_state(),
+        grad=torch.ones(2, requires_grad=True), expanded=torch.tensor([7.0]).expand(5, 3),
+        defaultdicts=[defaultdict(list, a=[1]), defaultdict(int), defaultdict(None, b=2)],
+        np_dtypes=[np.dtype("float32"), np.dtype(">f8"), np.dtype("U3"), np.dtype("int8")],
+        layouts=[torch.strided, torch.sparse_coo],
     )
+
+
+def _zip_only_values():
+    """dtypes without a legacy storage class: torch writes them as torch.storage.UntypedStorage."""
+    return {str(d): torch.arange(6).reshape(2, 3).to(d) for d in (torch.uint16, torch.uint32, torch.uint64,
+                                                                   torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+def _bits(t):
+    """A tensor's contents as bytes (every dtype compares, NaN equals itself)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
 
 def _equal(a, b):
     if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) \
-            and type(a) is type(b)
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and type(a) is type(b) \
+            and a.requires_grad == b.requires_grad and torch.equal(_bits(a), _bits(b))
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and \
             (a.tolist() == b.tolist())
     if isinstance(a, np.generic):
         return type(a) is type(b) and a == b
     if isinstance(a, dict):
-        return type(a) is type(b) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return type(a) is type(b) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a) and \
+            getattr(a, "default_factory", None) is getattr(b, "default_factory", None)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and a == b
 
 
-@pytest.mark.parametrize("how", ["zip", "legacy", "zip_protocol4"])
+@pytest.mark.parametrize("how", ["zip", "legacy", "zip_protocol4", "legacy_protocol1"])
 def test_every_kind_of_value_reads_as_torch_load_reads_it(tmp_path, how):
     torch.manual_seed(0)
     np.random.seed(0)
-    v = _values()
+    legacy = how.startswith("legacy")
+    v = _values() | ({} if legacy else _zip_only_values())
     f = tmp_path / "v.pth"
-    torch.save(v, f, _use_new_zipfile_serialization=how != "legacy", pickle_protocol=4 if how.endswith("4") else 2)
+    torch.save(v, f, _use_new_zipfile_serialization=not legacy, pickle_protocol=int(how[-1]) if how[-1].isdigit() else 2)
     theirs = torch.load(f, map_location="cpu", weights_only=False)
     got = cr.read(f)
     mine = got.obj
-    assert not got.inert and got.format == ("legacy" if how == "legacy" else "zip")
+    assert not got.inert and got.format == ("legacy" if legacy else "zip")
     for k in theirs:
         assert _equal(theirs[k], mine[k]), k
     assert mine["state_dict"]._metadata == theirs["state_dict"]._metadata
     assert mine["view_a"].untyped_storage().data_ptr() == mine["view_b"].untyped_storage().data_ptr()  # shared
     assert mine["transposed"].stride() == theirs["transposed"].stride()
     assert mine["np_arrays"][1].flags.f_contiguous and mine["np_arrays"][5].dtype.isnative  # NumPy's choice too
+    assert theirs["expanded"].stride() == (0, 0) and mine["expanded"].is_contiguous()  # a copy: never 0-stride
+
+
+def test_objects_of_other_classes_are_inert_not_refused(tmp_path):
+    """pathlib paths, SimpleNamespace, functools.partial (of a builtin), argparse.Namespace in a checkpoint's
+    meta: kept as inert data, the file's tensors read."""
+    import argparse
+    import functools
+    import pathlib
+    import types
+    f = tmp_path / "meta.pth"
+    torch.save(dict(w=torch.ones(2), meta=dict(p=pathlib.PosixPath("/data/x"), sn=types.SimpleNamespace(a=1),
+                                               fn=functools.partial(max, 1), ns=argparse.Namespace(lr=0.1))), f)
+    got = cr.read(f)
+    meta = got.obj["meta"]
+    assert torch.equal(got.obj["w"], torch.ones(2))
+    assert {k: v.of for k, v in meta.items()} == dict(p="pathlib.PosixPath", sn="types.SimpleNamespace",
+                                                      fn="functools.partial", ns="argparse.Namespace")
+    assert meta["p"].args == ("/", "data", "x") and meta["sn"].state == {"a": 1} and meta["ns"].state == {"lr": 0.1}
+    assert meta["fn"].args == (cr.InertGlobal("builtins.max"),) and meta["fn"].state[1] == (1,)
+
+
+def test_legacy_storage_views_read_from_their_own_offset(tmp_path):
+    """Files of before 2018 name views of a storage (key, offset, size): a tensor's offset and bounds are the
+    view's, as torch.load reads them."""
+    view = pid("root", 8, legacy=True, view=("v", 4, 4))
+    data = legacy_storage(np.arange(8, dtype=np.float32).tobytes(), 8)
+    f = legacy_file(tmp_path / "view.pth", P2 + tensor(view, 1, (3,), (1,)) + b".", ["root"], data)
+    assert cr.read(f).obj.tolist() == torch.load(f, weights_only=True).tolist() == [5.0, 6.0, 7.0]
+    outside = legacy_file(tmp_path / "outside.pth", P2 + tensor(view, 0, (8,), (1,)) + b".", ["root"], data)
+    with pytest.raises(RuntimeError):
+        torch.load(outside, weights_only=True)
+    with pytest.raises(cr.Refused, match="outside its storage"):
+        cr.read(outside)
+
+
+def test_big_endian_files_swap_each_number_and_each_half_of_a_complex_one(tmp_path):
+    values = dict(c=np.array([1 + 2j, 3 - 4j], ">c8"), d=np.array([1.5, -2], ">f8"), h=np.array([1, -2], ">i2"))
+    kinds = dict(c="ComplexFloatStorage", d="DoubleStorage", h="ShortStorage")
+    pkl = P2 + b"}" + b"".join(S(k) + tensor(pid(k, 2, kinds[k]), 0, (2,), (1,)) + b"s" for k in values) + b"."
+    f = zip_file(tmp_path / "be.pth", pkl, {k: v.tobytes() for k, v in values.items()}, byteorder=b"big")
+    theirs, mine = torch.load(f, weights_only=True), cr.read(f).obj
+    for k, v in values.items():
+        assert mine[k].tolist() == theirs[k].tolist() == v.tolist(), k
 
 
 def test_previous_checkpoint_format_with_numpy_rng_state_still_loads(tmp_path):
@@ -202,25 +263,6 @@ def test_previous_checkpoint_format_with_numpy_rng_state_still_loads(tmp_path):
 
 
 # ------------------------------------------------------------------ crafted files
-P2 = b"\x80\x02"
-
-
-def G(module, name):
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def S(s):
-    b = s.encode("utf-8", "surrogatepass")
-    return b"X" + struct.pack("<I", len(b)) + b
-
-
-def _tensor_pickle(key: str, numel: int, size: int, storage="FloatStorage") -> bytes:
-    """_rebuild_tensor_v2(storage('key', numel), 0, (size,), (1,), False, OrderedDict())."""
-    pid = b"(" + S("storage") + G("torch", storage) + S(key) + S("cpu") + b"J" + struct.pack("<i", numel) + b"tQ"
-    return (P2 + G("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + b"K\x00" + b"J" + struct.pack("<i", size)
-            + b"\x85K\x01\x85\x89" + G("collections", "OrderedDict") + b")Rt" + b"R.")
-
-
 def _payloads(m: str) -> dict:
     """name -> (pickle bytes, live?): live ones create ``m`` under a plain pickle load (checked below)."""
     system = P2 + G("posix", "system") + S(f"touch {m}") + b"\x85R."
@@ -238,31 +280,14 @@ def _payloads(m: str) -> dict:
         "__setstate__ of a class": (pickle.dumps(pickle_gadgets.SetStateGadget(m), protocol=2), True),
         "BUILD planting __setstate__": (P2 + G("collections", "OrderedDict") + b")R" + b"}" + S("__setstate__")
                                         + G("pickle_gadgets", "touch") + b"s" + b"b" + S(m) + b"b.", True),
-        "storage key holding a pickle": (_tensor_pickle(system.decode("latin-1"), 1, 1), False),
-        "storage key leaving the archive": (_tensor_pickle("../../data.pkl", 1, 1), False),
-        "tensor beyond its storage": (_tensor_pickle("0", 4, 1000), False),
+        "storage key holding a pickle": (tensor_pickle(system.decode("latin-1"), 1, 1), False),
+        "storage key leaving the archive": (tensor_pickle("../../data.pkl", 1, 1), False),
+        "tensor beyond its storage": (tensor_pickle("0", 4, 1000), False),
         "extension code": (P2 + b"\x82\x01.", False),
     }
 
 
 INERT = {"__reduce__ to a module's function", "__setstate__ of a class"}  # read, kept inert; the rest refused
-
-
-def _zip(path: Path, pkl: bytes, records: dict | None = None) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", pkl)
-        z.writestr("archive/byteorder", "little")
-        z.writestr("archive/version", "3\n")
-        for k, v in (records or {}).items():
-            z.writestr(f"archive/data/{k}", v)
-    return path
-
-
-def _legacy(path: Path, pkl: bytes, keys=(), data=b"") -> Path:
-    info = dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4))
-    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
-                     + pickle.dumps(info, protocol=2) + pkl + pickle.dumps(list(keys), protocol=2) + data)
-    return path
 
 
 def test_the_crafted_payloads_are_live(tmp_path):
@@ -281,7 +306,7 @@ def test_the_crafted_payloads_are_live(tmp_path):
 def test_crafted_files_never_run_anything(tmp_path, name, fmt):
     marker = tmp_path / "marker"
     pkl, _ = _payloads(str(marker))[name]
-    f = (_zip if fmt == "zip" else _legacy)(tmp_path / "evil.pth", pkl, *([{"0": b"\0" * 16}] if fmt == "zip" else []))
+    f = (zip_file if fmt == "zip" else legacy_file)(tmp_path / "evil.pth", pkl, *([{"0": b"\0" * 16}] if fmt == "zip" else []))
     if name in INERT:
         got = cr.read(f)
         assert isinstance(got.obj, cr.Inert) and got.obj.of.startswith("pickle_gadgets.") and got.inert
@@ -301,7 +326,7 @@ def test_a_storage_record_holding_a_pickle_is_read_as_numbers(tmp_path):
     marker = tmp_path / "marker"
     payload = P2 + G("posix", "system") + S(f"touch {marker}") + b"\x85R."
     payload += b"." * (-len(payload) % 4)
-    f = _zip(tmp_path / "f.pth", _tensor_pickle("0", len(payload) // 4, len(payload) // 4), {"0": payload})
+    f = zip_file(tmp_path / "f.pth", tensor_pickle("0", len(payload) // 4, len(payload) // 4), {"0": payload})
     t = cr.read(f).obj
     assert t.dtype == torch.float32 and t.numpy().tobytes() == payload and not marker.exists()
 
@@ -309,17 +334,17 @@ def test_a_storage_record_holding_a_pickle_is_read_as_numbers(tmp_path):
 def test_legacy_module_source_and_oversized_storages_are_refused(tmp_path):
     module = P2 + b"(" + S("module") + G("pickle_gadgets", "SetStateGadget") + S("x.py") + S("source") + b"tQ."
     with pytest.raises(cr.Refused, match="not a storage"):
-        cr.read(_legacy(tmp_path / "m.pth", module))
+        cr.read(legacy_file(tmp_path / "m.pth", module))
     huge = (P2 + b"(" + S("storage") + G("torch", "FloatStorage") + S("0") + S("cpu")
             + b"\x8a\x06" + (10 ** 12).to_bytes(6, "little") + b"NtQ.")
     with pytest.raises(cr.CheckpointError, match="larger than the file"):
-        cr.read(_legacy(tmp_path / "h.pth", huge, ["0"]))
+        cr.read(legacy_file(tmp_path / "h.pth", huge, ["0"]))
 
 
 def test_names_from_the_file_cannot_break_the_line(tmp_path):
     pkl = P2 + G("os", "system\x1b[1m\rX") + S("x") + b"\x85R."
     with pytest.raises(cr.Refused) as e:
-        cr.read(_zip(tmp_path / "f.pth", pkl))
+        cr.read(zip_file(tmp_path / "f.pth", pkl))
     msg = _one_plain_line(str(e.value))
     assert "\r" not in msg and "\\x1b" in msg
 
@@ -337,7 +362,7 @@ def test_every_command_that_reads_checkpoints_refuses_in_one_line(syn_root, tmp_
     from trainer import evaluate as ev
     from trainer import run as run_mod
     marker = tmp_path / "marker"
-    f = _zip(tmp_path / "evil.pth", _payloads(str(marker))["os.system"][0])
+    f = zip_file(tmp_path / "evil.pth", _payloads(str(marker))["os.system"][0])
     common = ["--preset", "demo", "--coco-root", str(syn_root), "--no-eval", "--threads", "1", "--batch-size", "2",
               "--max-iters", "1"]
     (tmp_path / "r").mkdir()
@@ -361,4 +386,60 @@ def test_compressed_records_and_unfilled_storages_are_refused(tmp_path):
         cr.read(tmp_path / "bomb.pth")
     one = P2 + b"(" + S("storage") + G("torch", "FloatStorage") + S("0") + S("cpu") + b"K\x01NtQ."
     with pytest.raises(cr.CheckpointError, match="does not match"):  # a storage its data never fills
-        cr.read(_legacy(tmp_path / "l.pth", one, []))
+        cr.read(legacy_file(tmp_path / "l.pth", one, []))
+
+
+# ------------------------------------------------------------------ names and numbers from a file, downstream
+ESC = "\x1b[2J\x1b]0;pwned\x07fake\nerror: injected"
+
+
+def test_import_prints_a_files_tensor_names_escaped(tmp_path, capsys):
+    sd = torch.load(DATA / "torchvision_state_dict.pth", weights_only=True)
+    sd[ESC] = torch.zeros(1)
+    torch.save(sd, tmp_path / "esc.pth")
+    assert import_weights.main([str(tmp_path / "esc.pth"), "--out", str(tmp_path / "out.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "1 unused (\\x1b[2J\\x1b]0;pwned\\x07fake\\nerror: injected)" in out
+    assert "\x1b" not in out and "\x07" not in out and len(out.strip().splitlines()) == 1
+
+
+def test_error_lines_escape_control_characters():
+    from dali_scp import cli
+    assert cli.describe(ValueError(f"a.pth: recipe {ESC}")) == \
+        "a.pth: recipe \\x1b[2J\\x1b]0;pwned\\x07fake; error: injected"
+
+
+def test_evaluate_checks_a_files_recipe_and_class_count_before_building(tmp_path, syn_root, capsys):
+    from dali_scp.presets import RECIPES
+    from trainer import evaluate as ev
+    from trainer.model import build_model
+    demo = RECIPES["demo"]
+    model = build_model(demo, 9).state_dict()  # the synthetic set's 8 classes
+    bad = {"name": dict(recipe=dict(demo.as_dict(), name=ESC, fpn_channels=demo.fpn_channels + 8), num_classes=9),
+           "class count": dict(recipe=demo.as_dict(), num_classes="3"),
+           "recipe": dict(recipe=dict(demo.as_dict(), image_size=10 ** 6), num_classes=9)}
+    expect = {"name": "checkpoint does not match the model built from its recipe (\\x1b[2J",
+              "class count": "its class count 3 is not an integer in [2, 100000]",
+              "recipe": "recipe field image_size = 1000000 is outside [32, 16384]"}
+    for what, state in bad.items():
+        torch.save(dict(state, model=model), tmp_path / "c.pth")
+        assert ev.main(["--checkpoint", str(tmp_path / "c.pth"), "--coco-root", str(syn_root)]) == 2
+        err = _one_plain_line(capsys.readouterr().err)
+        assert expect[what] in err and "\x07" not in err, (what, err)
+
+
+def test_resume_takes_only_an_optimizer_state_the_size_of_the_model():
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    params = list(m.parameters())
+    good = opt.state_dict()
+    ckpt.check_optimizer_state(good, params, "c.pth")
+    for state in ({0: {"momentum_buffer": torch.zeros(7)}}, {0: [torch.zeros(1)] * 3}, {0: {"b": {"nested": 1}}}):
+        with pytest.raises(ckpt.CheckpointError, match="c.pth: its optimizer state is not one this trainer writes"):
+            ckpt.check_optimizer_state(dict(good, state=state), params, "c.pth")
+    s = ckpt.rng_state()
+    s["numpy"]["key"] = torch.zeros(1 << 20, dtype=torch.int64)
+    with pytest.raises(ckpt.CheckpointError, match="624"):
+        ckpt.set_rng_state(s)
