@@ -367,7 +367,7 @@ def load_model_from_checkpoint(path: str, num_classes: int | None = None):
                                    "(background included), or its model is not a dict of tensors")
     # the numbers above come from the file: the model is built for real only once a skeleton on the meta device
     # (no memory) has exactly the file's tensor shapes, so a crafted recipe or class count cannot make it huge
-    what = f"the model built from its recipe ({printable(recipe.name)}, {printable(recipe.backbone)}, {n - 1} classes)"
+    what = f"the model built from its recipe ({printable(recipe.name)}, {printable(recipe.backbone)}, {n} classes)"
     with torch.device("meta"):
         skeleton = build_model(recipe, n).state_dict()
     wrong = [k for k, v in skeleton.items() if not torch.is_tensor(tensors.get(k)) or tensors[k].shape != v.shape]
