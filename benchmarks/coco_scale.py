@@ -405,11 +405,12 @@ def main(argv=None) -> int:
         return _probe_train(Path(argv[1]), argv[3:])
     if argv[:1] == ["--probe-peak"]:
         return _probe_peak(Path(argv[1]), argv[3:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of COCO's image counts to write (default 1)")
+    from dali_scp import cli
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=cli.Number(float, 0, 1, open_low=True), default=1.0, help="fraction of COCO's image counts to write (default 1)")
     p.add_argument("--root", default=None, help="dataset folder (default: /tmp/coco_scale_<scale>); reused if there")
     p.add_argument("--work", default=None, help="folder for caches, runs and logs (default: a new temp folder)")
-    p.add_argument("--check-workers", type=int, nargs="+", default=[len(os.sched_getaffinity(0))],
+    p.add_argument("--check-workers", type=cli.COUNT, nargs="+", default=[len(os.sched_getaffinity(0))],
                    help="worker counts for the cold check (default: the cores available)")
     p.add_argument("--only", nargs="+", choices=["write", "check", "train", "eval", "order"],
                    default=["write", "check", "train", "eval", "order"], help="steps to run (default: all)")

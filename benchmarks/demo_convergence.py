@@ -28,13 +28,14 @@ def stretched(base: presets.Recipe, n: int) -> presets.Recipe:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, nargs="+", default=[200, 1000, 3000], help="schedule lengths to train")
+    from dali_scp import cli
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=cli.COUNT, nargs="+", default=[200, 1000, 3000], help="schedule lengths to train")
     p.add_argument("--preset", default="demo", help="the recipe to stretch (default: demo)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--coco-root", default=None, help="default: the embedded synthetic dataset")
     p.add_argument("--out", default="runs/convergence", help="one run folder per schedule below this")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=cli.COUNT, default=None)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe fields to change first, values as JSON (e.g. lr=0.04 anchor_sizes=[16,32,64,128,256])")

@@ -264,11 +264,12 @@ def time_evaluation(root_or_gt_json, n_dets: int = 100, seed: int = 1, progress:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dali_scp import cli
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gt", default=None, help="a COCO instances JSON or COCO root (default: generate one)")
-    p.add_argument("--images", type=int, default=5000, help="images of the generated ground truth (default 5000)")
-    p.add_argument("--dets", type=int, default=100, help="detections per image (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=cli.COUNT, default=5000, help="images of the generated ground truth (default 5000)")
+    p.add_argument("--dets", type=cli.COUNT, default=100, help="detections per image (default 100)")
+    p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--both-scorers", action="store_true",
                    help="also time trainer.evaluate --scorer pycocotools (a few more minutes)")

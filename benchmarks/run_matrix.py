@@ -112,13 +112,13 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     from dali_scp import cli
     from pipelines import profile
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "gpu"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
+    p.add_argument("--batch-sizes", nargs="+", type=cli.COUNT, default=[8])
     p.add_argument("--pipelines", nargs="+", default=["none", "ssj", "lsj", "ssj_scp", "lsj_scp"])
     p.add_argument("--coco-root", default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--threads", type=cli.COUNT, default=2)
+    p.add_argument("--iters", type=cli.COUNT, default=30)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", default=str(HERE), help="folder for results.json, RESULTS.md, throughput.png")
     p.add_argument("--stand-in-only", action="store_true",

@@ -517,12 +517,12 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dali_scp.check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m dali_scp.check", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="train2017", help="split name (default train2017)")
     cli.add_dataset_flag(p)
-    p.add_argument("--workers", type=int, default=available_cores(),
+    p.add_argument("--workers", type=cli.COUNT, default=available_cores(),
                    help=f"processes decoding images (default: the cores available, here {available_cores()})")
     p.add_argument("--json", default=None, help="also write the full report as JSON here")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any defect is found")

@@ -8,12 +8,65 @@ context; ``describe`` keeps the operator and what it encountered.
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import re
 import sys
 
 DEBUG_ENV = "DALI_SCP_DEBUG"
 _INPUT_ERRORS = (ValueError, OSError, RuntimeError)  # what our own checks raise for bad input
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (``prog: error: argument --x: ...``) without the usage
+    block above it: the same one-line rule as every other error of these tools; --help shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+class Number:
+    """An argparse ``type`` for a number in a range: ``Number(int, 1)`` is an integer >= 1, ``Number(float, 0, 1)``
+    one in [0, 1], ``Number(float, 0, open_low=True)`` one > 0. Out of range, not a number, NaN or infinite
+    -> argparse's one-line error naming the flag. Every numeric flag of every CLI takes one of these
+    (tests/test_cli_numbers.py walks them all), so ``--batch-size 0`` or ``--max-iters -3`` never starts a run."""
+
+    def __init__(self, kind: type, low=None, high=None, open_low: bool = False, multiple_of: int | None = None):
+        self.kind, self.low, self.high, self.open_low, self.multiple_of = kind, low, high, open_low, multiple_of
+        self.__name__ = self.describe()  # what argparse shows for this type
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            out = f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+        elif self.low is not None:
+            out = f"{what} {'>' if self.open_low else '>='} {self.low}"
+        else:
+            out = f"{what} <= {self.high}" if self.high is not None else what
+        return out + (f", a multiple of {self.multiple_of}" if self.multiple_of else "")
+
+    def __call__(self, text: str):
+        try:
+            v = self.kind(text)
+        except (TypeError, ValueError):
+            v = None
+        ok = v is not None and (self.kind is int or math.isfinite(v))
+        ok = ok and (self.low is None or (v > self.low if self.open_low else v >= self.low))
+        ok = ok and (self.high is None or v <= self.high) and (not self.multiple_of or v % self.multiple_of == 0)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        return v
+
+    def __repr__(self):
+        return f"Number({self.describe()})"
+
+
+COUNT = Number(int, 1)                 # batch sizes, iterations, images, workers, threads, intervals
+NON_NEGATIVE = Number(int, 0)          # warm-up batches, "0 = off" intervals
+SEED = Number(int, 0, 2 ** 32 - 1)     # NumPy's seed range
+FRACTION = Number(float, 0, 1)         # score thresholds
+PIXELS = Number(int, 32)               # tile and canvas sides
 
 
 def add_debug_flag(parser) -> None:
@@ -55,6 +108,7 @@ def describe(e: BaseException) -> str:
     msg = _dali_summary(msg) or "; ".join(line.strip() for line in msg.splitlines() if line.strip())
     if len(msg) > 1000:
         msg = msg[:1000] + " ..."
+    msg = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in msg)  # names from files: no terminal escapes
     if not isinstance(e, _INPUT_ERRORS) or not msg:
         msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     return msg

@@ -6,7 +6,7 @@ Pipelines, trainer, profiler and tests read these objects; nothing re-types a nu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class Recipe:
     gamma: float = 0.1
     norm: str = "SyncBN"
     backbone: str = "resnet50"
+    backbone_width: int = 64       # resnet50's stem / first-stage width (mmdetection's base_channels); narrower in tests
     trainable_layers: int = 5
     fpn_channels: int = 256        # torchvision / mmdetection defaults below; only `demo` shrinks them
     head_channels: int = 256
@@ -132,11 +133,35 @@ class Recipe:
         """The inverse of ``as_dict`` (checkpoints store the recipe as plain JSON-like data: tuples come
         back as lists, ``eval_resize`` as a dict)."""
         d = dict(d)
-        d["eval_resize"] = EvalResize(**d["eval_resize"])
+        d["eval_resize"] = EvalResize(**_checked(EvalResize, d["eval_resize"]))
         for k in ("steps", "anchor_sizes"):  # anchor_sizes: absent from checkpoints before it existed
             if k in d:
                 d[k] = tuple(d[k])
-        return cls(**d)
+        return cls(**_checked(cls, d))
+
+
+# A recipe read from a file (a checkpoint anyone may have written): every field of its declared type, and the
+# sizes that decide what evaluation allocates in range, before anything is built from it.
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "tuple[int, ...]": (tuple,),
+          "tuple[float, float]": (tuple,)}
+_SIZES = dict(image_size=(32, 16384), max_long=(32, 16384), max_short=(32, 16384), pad_divisor=(1, 1024),
+              detections_per_image=(1, 100000))
+
+
+def _checked(kind: type, d) -> dict:
+    if not isinstance(d, dict):
+        raise TypeError(f"{kind.__name__} stored as {type(d).__name__}, not a dict")
+    for f in fields(kind):
+        v = d.get(f.name)
+        if f.name not in d or f.type not in _KINDS:
+            continue
+        if type(v) not in _KINDS[f.type] or type(v) is str and len(v) > 200 or type(v) is tuple and (
+                len(v) > 64 or not all(type(x) in (int, float) for x in v)):
+            raise TypeError(f"recipe field {f.name} is a {type(v).__name__}, not {f.type}")
+        low, high = _SIZES.get(f.name, (-2 ** 62, 2 ** 62)) if type(v) is int else (None, None)
+        if low is not None and not low <= v <= high:
+            raise ValueError(f"recipe field {f.name} = {v} is outside [{low}, {high}]")
+    return d
 
 
 _90K = dict(max_iters=90000, warmup_iters=500, warmup_factor=0.067, steps=(81000, 85500, 87750))

@@ -333,14 +333,14 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
-    p = argparse.ArgumentParser(prog="python -m dali_scp.synthetic", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m dali_scp.synthetic", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO layout: train2017/, val2017/, annotations/)")
-    p.add_argument("--train", type=int, default=None,
+    p.add_argument("--train", type=cli.COUNT, default=None,
                    help=f"number of training images (default 64; with --lvis {LVIS_DEFAULT[0]})")
-    p.add_argument("--val", type=int, default=None,
+    p.add_argument("--val", type=cli.COUNT, default=None,
                    help=f"number of validation images (default 16; with --lvis {LVIS_DEFAULT[1]})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=cli.SEED, default=0, help="random seed (default 0)")
     p.add_argument("--demo", action="store_true",
                    help="the demo's images (trainer.run's default data): half size, 1-5 medium-to-large objects of "
                         "four shape families, no crowd regions")

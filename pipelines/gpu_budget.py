@@ -244,18 +244,18 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--instances", type=int, default=30, help="up to N instances per image (one image has N)")
-    ap.add_argument("--size", type=int, default=1024, help="canvas side (multiple of 8)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=cli.COUNT, default=8)
+    ap.add_argument("--instances", type=cli.COUNT, default=30, help="up to N instances per image (one image has N)")
+    ap.add_argument("--size", type=cli.Number(int, 8, multiple_of=8), default=1024, help="canvas side (multiple of 8)")
+    ap.add_argument("--seed", type=cli.SEED, default=0)
     ap.add_argument("--device", choices=("standin", "gpu"), default="standin",
                     help="standin: count through the NumPy-backed CuPy stand-in (no GPU needed); "
                          "gpu: the same and then the real thing on CuPy (pool peak, ms)")
     ap.add_argument("--under-training", metavar="RECIPE", default=None,
                     help="with --device gpu: also time the stages while RECIPE's model trains in this process "
                          "(e.g. r50_ssj_scp_90k), and the training step with and without them")
-    ap.add_argument("--train-batch", type=int, default=8, help="images per training step for --under-training")
+    ap.add_argument("--train-batch", type=cli.COUNT, default=8, help="images per training step for --under-training")
     ap.add_argument("--json", help="write {'stages': {'masks': {...}, 'copy_paste': {...}}} here")
     cli.add_debug_flag(ap)
     a = ap.parse_args(argv)

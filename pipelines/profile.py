@@ -251,18 +251,18 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
-    p = argparse.ArgumentParser(prog="python -m pipelines.profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m pipelines.profile", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", nargs="+", default=["all"], choices=list(PIPELINES) + ["all"],
                    help="one or more pipelines, or all (default)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     cli.add_dataset_flag(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads (= baseline DataLoader workers)")
-    p.add_argument("--iters", type=int, default=20, help="timed batches per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    p.add_argument("--out-size", type=int, default=None, help="canvas side (default: the preset's 1024)")
+    p.add_argument("--batch-size", type=cli.COUNT, default=8)
+    p.add_argument("--threads", type=cli.COUNT, default=2, help="DALI threads (= baseline DataLoader workers)")
+    p.add_argument("--iters", type=cli.COUNT, default=20, help="timed batches per measurement")
+    p.add_argument("--warmup", type=cli.NON_NEGATIVE, default=3, help="untimed batches first")
+    p.add_argument("--out-size", type=cli.PIXELS, default=None, help="canvas side (default: the preset's 1024)")
     p.add_argument("--baseline", action="store_true", help="also time the PyTorch DataLoader baseline")
     p.add_argument("--resampler", default=None, choices=["dali", "torch"],
                    help="who resamples the jittered images (default: torch on the CPU, DALI on the GPU)")

@@ -113,17 +113,17 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
-    p = argparse.ArgumentParser(prog="python -m pipelines.visualize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m pipelines.visualize", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", default="ssj_scp", choices=list(PIPELINES), help="augmentation preset")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic dataset)")
     p.add_argument("--split", default="train2017")
     cli.add_dataset_flag(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--num", type=int, default=8,
+    p.add_argument("--num", type=cli.COUNT, default=8,
                    help="samples (= batch size, copy-paste pairs within it; at most the dataset's images)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=int, default=384, help="tile size in px")
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--tile", type=cli.PIXELS, default=384, help="tile size in px")
     p.add_argument("--out", required=True, help="output PNG")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)

@@ -1,7 +1,7 @@
-"""Checkpoints are read with weights_only=True: a crafted .pth whose pickle runs a command is refused
-with one line naming the file, through every command that reads checkpoints, and the command never
+"""Checkpoints are read as data (trainer.checkpoint_reader): a crafted .pth whose pickle runs a command is
+refused with one line naming the file, through every command that reads checkpoints, and the command never
 runs; checkpoints of the previous format (NumPy's RNG state pickled as NumPy objects) still load and
-restore that state exactly."""
+restore that state exactly. More crafted files and real mmdetection ones: tests/test_checkpoint_reader.py."""
 import os
 import random
 

@@ -4,14 +4,14 @@ Why: a 90k-iteration run killed while saving must still find its previous checkp
 resumed run must continue bit-for-bit where it stopped (model, optimiser, scheduler, AMP scaler, RNG
 states, DALI data-stream state, iteration).
 
-Checkpoints are read with ``weights_only=True``: a checkpoint is data (tensors, numbers, strings, lists,
-dicts), so everything here is stored in those forms (the NumPy RNG state as a tensor and numbers, the
-data stream's as numbers and DALI's string), and a ``.pth`` whose pickle asks for anything else (``os.system``, a class from
-some module) is refused before any of it runs."""
+Checkpoints are read by ``trainer.checkpoint_reader``: as data (tensors, numbers, strings, lists,
+dicts), never importing or calling anything the file names, so a ``.pth`` whose pickle asks for
+``os.system`` or a class from some module is refused (or, for classes, kept inert) before any of it runs.
+Everything here is stored in those forms (the NumPy RNG state as a tensor and numbers, the data
+stream's as numbers and DALI's string)."""
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import re
 from pathlib import Path
@@ -20,15 +20,11 @@ import numpy as np
 import torch
 
 from dali_scp.files import atomic_write
+from trainer.checkpoint_reader import CheckpointError, inert_summary, read
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^ckpt_(\d{8})\.pth$")
 BEST = "best.pth"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that this code did not write (or wrote for another model):
-    bad input the user can fix by naming another file, told apart from other failures by its type."""
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -60,32 +56,17 @@ def save_best(run_dir: Path, state: dict) -> Path:
     return path
 
 
-# What checkpoints of the previous format hold besides plain data: NumPy's RNG state as pickled NumPy
-# objects (a uint32 ndarray, the MT19937 key). These only build that array from the pickle's own bytes
-# (``_reconstruct`` an empty array of an allowed type - only ndarray -, ``dtype`` a data type from its
-# name, the uint32 dtype's and the array's state from raw data); none imports or calls anything else,
-# so allowing them, for this load only, keeps a run started before the change resumable without
-# opening the door weights_only closes. (Name under NumPy 1.x: numpy.core.multiarray._reconstruct.)
-_reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
-_LEGACY_NUMPY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct,
-                 (_reconstruct, "numpy.core.multiarray._reconstruct")]
-
-
 def load(path: Path) -> dict:
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_LEGACY_NUMPY):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(e))
-        what = (what.group(1) or what.group(2)) if what else "objects other than data"
+    """A checkpoint written by this project (``trainer.run``, ``trainer.import_weights``): plain data only.
+    A file that holds objects of other classes (an mmdetection ``iter_N.pth`` with its message hub, ...) is
+    refused in one line pointing at ``trainer.import_weights``; its objects were kept inert, never run."""
+    got = read(path)
+    if got.inert:
         raise CheckpointError(
-            f"{path}: refused: its pickle asks for {what}, "
-            "which no checkpoint holds (read with weights_only=True, so nothing in it ran); load only "
-            "checkpoints written by trainer.run") from e
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint ({first})") from e
+            f"{path}: not a dali-scp checkpoint: it holds objects of classes no dali-scp checkpoint has "
+            f"({inert_summary(got.inert)}; read as inert data, nothing ran); convert an mmdetection or "
+            "torchvision checkpoint with python -m trainer.import_weights")
+    return got.obj
 
 
 def rng_state() -> dict:
@@ -104,8 +85,29 @@ def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     n = s["numpy"]
     if isinstance(n, dict):
+        if not torch.is_tensor(n["key"]) or n["key"].shape != (624,):  # MT19937's key
+            raise CheckpointError("NumPy's RNG key in the checkpoint is not 624 numbers")
         n = (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     np.random.set_state(n)  # else: the tuple of a checkpoint of the previous format
     random.setstate(s["python"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def check_optimizer_state(state: dict, params: list, path) -> None:
+    """Before ``optimizer.load_state_dict`` (which converts every state tensor to its parameter's dtype and
+    walks any container it finds): each parameter's state is a flat dict of numbers and tensors no larger
+    than the parameter, so a crafted file cannot make that conversion allocate more than the model."""
+    ok = isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)
+    ids = [i for g in state["param_groups"] if isinstance(g, dict) and isinstance(g.get("params"), list)
+           for i in g["params"]] if ok else []
+    sizes = dict(zip(ids, (p.numel() for p in params)))
+    for i, entry in state["state"].items() if ok else ():
+        if not isinstance(entry, dict) or not all(
+                v is None or type(v) in (int, float, bool) or torch.is_tensor(v) and v.numel() <= sizes.get(i, 1)
+                for v in entry.values()):
+            ok = False
+            break
+    if not ok:
+        raise CheckpointError(f"{path}: its optimizer state is not one this trainer writes (per parameter: "
+                              "numbers and tensors no larger than the parameter)")

@@ -345,24 +345,42 @@ def merge_rank_results(per_rank: list):
 
 
 # ---------------------------------------------------------------- CLI
+MAX_CLASSES = 100_000  # with background; LVIS has 1204
+
+
 def load_model_from_checkpoint(path: str, num_classes: int | None = None):
     from dali_scp.presets import Recipe
     from trainer import checkpoint as ckpt
+    from trainer.checkpoint_reader import printable
     from trainer.model import build_model
     state = ckpt.load(Path(path))
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise ckpt.CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe')")
+        raise ckpt.CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe'); convert "
+                                   "an mmdetection or torchvision checkpoint with python -m trainer.import_weights")
     try:
         recipe = Recipe.from_dict(state["recipe"])
-    except (TypeError, KeyError) as e:
-        raise ckpt.CheckpointError(f"{path}: its recipe is not one this version reads ({e})") from e
-    n = state.get("num_classes", num_classes)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: its recipe is not one this version reads ({printable(e, 200)})") from None
+    n, tensors = state.get("num_classes", num_classes), state["model"]
+    if type(n) is not int or not 2 <= n <= MAX_CLASSES or not isinstance(tensors, dict):
+        raise ckpt.CheckpointError(f"{path}: its class count {printable(n)} is not an integer in [2, {MAX_CLASSES}] "
+                                   "(background included), or its model is not a dict of tensors")
+    # the numbers above come from the file: the model is built for real only once a skeleton on the meta device
+    # (no memory) has exactly the file's tensor shapes, so a crafted recipe or class count cannot make it huge
+    what = f"the model built from its recipe ({printable(recipe.name)}, {printable(recipe.backbone)}, {n} classes)"
+    with torch.device("meta"):
+        skeleton = build_model(recipe, n).state_dict()
+    wrong = [k for k, v in skeleton.items() if not torch.is_tensor(tensors.get(k)) or tensors[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        got = tuple(tensors[k].shape) if torch.is_tensor(tensors.get(k)) else "nothing"
+        raise ckpt.CheckpointError(f"{path}: checkpoint does not match {what}: {len(wrong)} tensors differ, e.g. "
+                                   f"{k}: the file has {got}, the model needs {tuple(skeleton[k].shape)}")
     model = build_model(recipe, n)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(tensors)
     except RuntimeError as e:
-        raise ckpt.CheckpointError(f"{path}: checkpoint does not match the model built from its recipe "
-                         f"({recipe.name}, {recipe.backbone}, {n} classes): {str(e).splitlines()[0]} ...") from e
+        raise ckpt.CheckpointError(f"{path}: checkpoint does not match {what}: {printable(e, 200)} ...") from e
     return model, recipe, state
 
 
@@ -387,8 +405,8 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from dali_scp import cli
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by trainer.run")
     src.add_argument("--results", help="an existing COCO results JSON to score (no model)")
@@ -397,7 +415,7 @@ def _main(argv=None) -> int:
     cli.add_dataset_flag(p, default=None)  # None: the checkpoint's (coco for --results)
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch per process")
+    p.add_argument("--batch-size", type=cli.COUNT, default=4, help="images per batch per process")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER,
                    help=f"COCOeval implementation (default {DEFAULT_SCORER}; pycocotools: the reference, slower)")
     cli.add_debug_flag(p)

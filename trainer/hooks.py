@@ -113,7 +113,7 @@ class Checkpointer(HookBase):
                 model=self.model.state_dict(), optimizer=t.optimizer.state_dict(),
                 scheduler=t.scheduler.state_dict(), scaler=t.scaler.state_dict(), iteration=it, ranks=ranks,
                 recipe=cfg.recipe.as_dict(), num_classes=cfg.split.num_classes, cat_ids=cfg.split.cat_ids,
-                config=cfg.as_json()), cfg.recipe.keep_checkpoints)
+                class_names=list(cfg.split.cat_names), config=cfg.as_json()), cfg.recipe.keep_checkpoints)
         dist_utils.barrier(d)
 
 
@@ -157,7 +157,8 @@ class BestCheckpoint:
         cfg = self.cfg
         path = ckpt.save_best(cfg.run_dir, dict(
             model=self.model.state_dict(), recipe=cfg.recipe.as_dict(), num_classes=cfg.split.num_classes,
-            cat_ids=cfg.split.cat_ids, iteration=it, metrics=metrics, config=cfg.as_json()))
+            cat_ids=cfg.split.cat_ids, class_names=list(cfg.split.cat_names), iteration=it, metrics=metrics,
+            config=cfg.as_json()))
         log.info("%s: mask AP %.1f at iteration %d, the best so far", path, 100 * ap, it)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from dali_scp.presets import MODEL_FIELDS, Recipe, recipe as get_recipe
+from trainer import checkpoint_reader
 
 SEED_ARCH = "mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all (ResNet-50, FPN with BN, 2-conv RPN, 4conv1fc box head and 4-conv mask head with BN)"
 
@@ -66,20 +67,22 @@ class Imported:
     missing: list
 
 
+def _names(keys: list, n: int = 3) -> str:
+    """The first tensor names of a source file, printable (a crafted key cannot clear the terminal)."""
+    return ", ".join(checkpoint_reader.printable(k, 80) for k in keys[:n])
+
+
 def read_source(path: Path):
-    if not path.is_file():
-        raise NotImportable(f"{path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle of an unknown type, truncated zip, not a torch file
-        raise NotImportable(f"{path}: not a checkpoint torch.load(weights_only=True) can read "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    try:  # as data: mmengine's HistoryBuffer, optimiser or config objects are kept inert, never run
+        obj = checkpoint_reader.read(path).obj
+    except checkpoint_reader.CheckpointError as e:
+        raise NotImportable(str(e)) from None
     if not isinstance(obj, dict):
         raise NotImportable(f"{path}: expected a dict of tensors or {{'meta', 'state_dict'}}, got {type(obj).__name__}")
     if "model" in obj and "recipe" in obj:
         raise NotImportable(f"{path}: already a dali-scp checkpoint; pass it to trainer.evaluate or --init-from directly")
     sd, meta = (obj["state_dict"], obj.get("meta") or {}) if isinstance(obj.get("state_dict"), dict) else (obj, {})
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if type(k) is str and torch.is_tensor(v)}
     if any(k.startswith("backbone.body.") for k in sd):
         return "torchvision", sd, meta
     if any(k.startswith("backbone.conv1.") or k.startswith("backbone.layer1.") for k in sd):
@@ -138,9 +141,21 @@ def torchvision_coco_layout(sd: dict) -> tuple[int, list | None]:
     return len(keep) - 1, [_COCO_CATEGORIES[i] for i in keep[1:]]
 
 
+def class_names(meta, n: int) -> list | None:
+    """mmdetection 3.x: ``meta['dataset_meta']['classes']``; 2.x (mmcv's runner): ``meta['CLASSES']``."""
+    if not isinstance(meta, dict):
+        return None
+    dm = meta.get("dataset_meta")
+    classes = (dm.get("classes") if isinstance(dm, dict) else None) or meta.get("CLASSES")
+    ok = isinstance(classes, (list, tuple)) and len(classes) == n and all(isinstance(c, str) for c in classes)
+    return list(classes) if ok else None
+
+
 def widths(sd: dict, path: Path) -> dict:
-    """FPN and head widths read off the tensors; the model here ties the box head's fc to 4 x its convs."""
+    """Backbone, FPN and head widths read off the tensors; the model here ties the box head's fc to 4 x
+    its convs."""
     try:
+        bw = sd["backbone.body.conv1.weight"].shape[0]
         fpn = sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0]
         hc = sd["roi_heads.box_head.0.0.weight"].shape[0]
         fc = sd["roi_heads.box_head.5.weight"].shape[0]
@@ -149,7 +164,7 @@ def widths(sd: dict, path: Path) -> dict:
     if fc != 4 * hc:
         raise NotImportable(f"{path}: box head fc of {fc} channels after convs of {hc}; this model's fc is 4 x the "
                            "conv width (1024 after 256 in the seed)")
-    return dict(fpn_channels=fpn, head_channels=hc)
+    return dict(backbone_width=bw, fpn_channels=fpn, head_channels=hc)
 
 
 def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
@@ -162,8 +177,7 @@ def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
     if fmt == "mmdetection":
         sd, unused = rename_mmdet(sd)
         n = mmdet_class_layout(sd, path)
-        classes = (meta.get("dataset_meta") or {}).get("classes") if isinstance(meta, dict) else None
-        names = list(classes) if classes and len(classes) == n else None
+        names = class_names(meta, n)
         style = "mmdet"
         rpn_post = 1000
     else:
@@ -175,12 +189,13 @@ def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
     if num_classes is not None and n != num_classes:
         raise NotImportable(f"{path}: the checkpoint has {n} classes, --num-classes says {num_classes}")
     r = replace(base, **widths(sd, path), **{f: style for f in MODEL_FIELDS}, rpn_post_nms_train=rpn_post)
-    target = build_model(r, n + 1).state_dict()
+    with torch.device("meta"):  # shapes and dtypes only: sizes read off the file allocate nothing before they match
+        target = build_model(r, n + 1).state_dict()
     missing = [k for k in target if k not in sd]
     unused += [k for k in sd if k not in target]
     if missing:
         raise NotImportable(f"{path}: not the seed's architecture {SEED_ARCH}: {len(missing)} tensors missing, "
-                           f"e.g. {', '.join(missing[:3])}; unused: {', '.join(unused[:3]) or 'none'}")
+                           f"e.g. {', '.join(missing[:3])}; unused: {_names(unused) or 'none'}")
     for k, v in target.items():
         if sd[k].shape != v.shape:
             raise NotImportable(f"{path}: not the seed's architecture {SEED_ARCH}: {k} has shape "
@@ -199,14 +214,14 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     from dali_scp import cli
     from dali_scp.files import atomic_write
-    p = argparse.ArgumentParser(prog="python -m trainer.import_weights", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m trainer.import_weights", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="mmdetection checkpoint (.pth with meta and state_dict) or torchvision state dict")
     p.add_argument("--out", required=True, help="the dali-scp checkpoint to write")
     p.add_argument("--recipe", default="r50_ssj_scp_270k",
                    help="recipe the checkpoint records (its evaluation resize and schedule); the model fields "
                         "follow the source (default: r50_ssj_scp_270k)")
-    p.add_argument("--num-classes", type=int, default=None, help="fail unless the checkpoint has this many classes")
+    p.add_argument("--num-classes", type=cli.COUNT, default=None, help="fail unless the checkpoint has this many classes")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
     imp = convert(a.src, get_recipe(a.recipe), a.num_classes)
@@ -214,7 +229,7 @@ def _main(argv=None) -> int:
     n = imp.state["num_classes"] - 1
     layout = "background moved first" if imp.source_format == "mmdetection" else "background first as before"
     print(f"{a.src}: {imp.source_format} checkpoint: {imp.mapped} tensors mapped, {len(imp.unused)} unused"
-          f"{' (' + ', '.join(imp.unused[:3]) + ')' if imp.unused else ''}, {len(imp.missing)} missing; "
+          f"{' (' + _names(imp.unused) + ')' if imp.unused else ''}, {len(imp.missing)} missing; "
           f"{n} classes, {layout}; anchor order unchanged -> {a.out}")
     return 0
 

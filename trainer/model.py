@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -61,13 +61,17 @@ def resnet18_half(weights=None, norm_layer=nn.BatchNorm2d):
     recipe's backbone, trained from scratch in minutes on a 2-core CPU; no pretrained weights exist."""
     if weights is not None:
         raise ValueError("resnet18_half has no pretrained weights")
-    trunk = resnet18(weights=None, norm_layer=norm_layer)
-    w = 32
+    return narrowed(resnet18(weights=None, norm_layer=norm_layer), BasicBlock, [2, 2, 2, 2], 32, norm_layer)
+
+
+def narrowed(trunk, block, layers: list, w: int, norm_layer):
+    """``trunk`` rebuilt with a stem of ``w`` channels and stages of w, 2w, 4w, 8w (x the block's
+    expansion): mmdetection's ResNet ``base_channels``. Keys and depth are the trunk's."""
     trunk.inplanes = w
     trunk.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
     trunk.bn1 = norm_layer(w)
     for k in range(1, 5):
-        setattr(trunk, f"layer{k}", trunk._make_layer(BasicBlock, w * 2 ** (k - 1), 2, stride=1 if k == 1 else 2))
+        setattr(trunk, f"layer{k}", trunk._make_layer(block, w * 2 ** (k - 1), layers[k - 1], stride=1 if k == 1 else 2))
     for m in trunk.modules():  # torchvision ResNet's own initialisation
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -83,6 +87,8 @@ BACKBONES = {"resnet50": resnet50, "resnet18": resnet18, "resnet18_half": resnet
 def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None = None) -> MaskRCNN:
     norm = nn.BatchNorm2d
     trunk = BACKBONES[recipe.backbone](weights=None, norm_layer=norm)
+    if recipe.backbone == "resnet50" and recipe.backbone_width != 64:
+        trunk = narrowed(trunk, Bottleneck, [3, 4, 6, 3], recipe.backbone_width, norm)
     if backbone_weights:
         load_backbone_weights(trunk, backbone_weights)
     backbone = fpn_backbone(trunk, recipe.trainable_layers, recipe.fpn_channels, norm)
@@ -164,9 +170,13 @@ def load_backbone_weights(trunk: nn.Module, path: str) -> None:
     if not p.is_file():
         raise FileNotFoundError(f"--backbone-weights {path}: file not found (weights are never downloaded; "
                                 "pass a local torchvision ResNet checkpoint)")
-    sd = torch.load(p, map_location="cpu", weights_only=True)
+    from trainer.checkpoint_reader import read
+    sd = read(p).obj
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()}
+    if not isinstance(sd, dict):
+        raise ValueError(f"--backbone-weights {path}: not a state dict (a {type(sd).__name__})")
+    sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()
+          if type(k) is str and torch.is_tensor(v)}
     missing, unexpected = trunk.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing:

@@ -39,16 +39,16 @@ log = logging.getLogger("trainer")
 
 def parse_args(argv=None):
     from dali_scp import cli
-    p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m trainer.run", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", choices=list(PIPELINES), default=None,
                    help="input pipeline (default: the preset's)")
     p.add_argument("--preset", choices=list(RECIPES), default=None, help="training recipe (see dali_scp/presets.py)")
     p.add_argument("--coco-root", default=None, help="COCO root; default: the embedded synthetic demo dataset (python -m dali_scp.synthetic --demo)")
     cli.add_dataset_flag(p)
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>_<pipeline>)")
-    p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (schedule unchanged)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per process (default: total batch / world)")
+    p.add_argument("--max-iters", type=cli.COUNT, default=None, help="stop after this many iterations (schedule unchanged)")
+    p.add_argument("--batch-size", type=cli.COUNT, default=None, help="images per process (default: total batch / world)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -58,15 +58,15 @@ def parse_args(argv=None):
                       help="start from this checkpoint's weights (trainer.import_weights output or a run's "
                            "checkpoint); fresh optimiser and schedule; a different class count re-initialises "
                            "the class-specific predictors")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.SEED, default=0,
                    help="seeds the model's initialisation, the training order (a fresh permutation of the "
                         "dataset every epoch) and every augmentation")
-    p.add_argument("--repeat-threshold", type=float, default=None,
+    p.add_argument("--repeat-threshold", type=cli.Number(float, 0), default=None,
                    help="repeat-factor sampling threshold t (LVIS recipes: 0.001; 0 = off; default: the recipe's)")
-    p.add_argument("--threads", type=int, default=None, help="DALI CPU threads per process (default: cores / procs)")
+    p.add_argument("--threads", type=cli.COUNT, default=None, help="DALI CPU threads per process (default: cores / procs)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="override the recipe's checkpoint interval")
-    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=cli.COUNT, default=None, help="override the recipe's checkpoint interval")
+    p.add_argument("--eval-every", type=cli.NON_NEGATIVE, default=0, metavar="N",
                    help="evaluate val2017 every N iterations while training: box/mask AP to metrics.jsonl and "
                         "TensorBoard (val/*), the weights with the best mask AP in best.pth (default 0: off)")
     p.add_argument("--record-image-ids", action="store_true",
@@ -145,6 +145,7 @@ def resume(cfg: RunConfig, d: dist_utils.Dist, model, opt, sched, scaler) -> tup
     path = ckpt.latest(cfg.run_dir)
     state = ckpt.load(path)
     model.load_state_dict(state["model"])
+    ckpt.check_optimizer_state(state["optimizer"], [p for g in opt.param_groups for p in g["params"]], path)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -130,17 +130,16 @@ def after_evaluation(split, run_dir, n: int = 4) -> Path | None:
 
 
 def main(argv=None) -> int:
-    from dali_scp import dataset as ds
-    p = argparse.ArgumentParser(prog="python -m trainer.showcase", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dali_scp import cli, dataset as ds
+    p = cli.ArgumentParser(prog="python -m trainer.showcase", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", required=True, help="COCO results JSON (e.g. RUN/eval_val2017/results.json)")
     p.add_argument("--coco-root", default=None, help="COCO root (default: the embedded synthetic demo dataset, as trainer.run trains on)")
     p.add_argument("--split", default="val2017")
-    from dali_scp import cli
     cli.add_dataset_flag(p)
-    p.add_argument("--num", type=int, default=4, help="images to draw (default 4)")
-    p.add_argument("--score-thr", type=float, default=SCORE_THR, help=f"draw predictions >= this (default {SCORE_THR})")
-    p.add_argument("--tile", type=int, default=320, help="tile size in px")
+    p.add_argument("--num", type=cli.COUNT, default=4, help="images to draw (default 4)")
+    p.add_argument("--score-thr", type=cli.FRACTION, default=SCORE_THR, help=f"draw predictions >= this (default {SCORE_THR})")
+    p.add_argument("--tile", type=cli.PIXELS, default=320, help="tile size in px")
     p.add_argument("--out", required=True, help="output PNG")
     a = p.parse_args(argv)
     try:
