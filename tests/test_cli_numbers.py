@@ -25,7 +25,7 @@ class _Parser(BaseException):
 
 
 def _modules() -> list:
-    return sorted(str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")
+    return sorted(str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
                   if re.search(r"=\s*(cli|argparse)\.ArgumentParser\(", p.read_text()))
 
 

@@ -225,14 +225,17 @@ def build(loader: str, a):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sys.path.insert(0, str(REPO))
+    from dali_scp import cli  # the standard library only: runs in every environment
+
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("loader", help="family:pipeline, e.g. ours:ssj_scp, mmdet:ssj, torchvision:ssj_scp")
     p.add_argument("--root", required=True, help="COCO layout: train2017/ and annotations/instances_train2017.json")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=cli.COUNT, default=8)
+    p.add_argument("--workers", type=cli.COUNT, default=2, help="DataLoader workers = DALI threads")
+    p.add_argument("--warmup", type=cli.NON_NEGATIVE, default=5)
+    p.add_argument("--batches", type=cli.COUNT, default=20)
+    p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--vision", default=None, help="torchvision source checkout (torchvision loaders)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()

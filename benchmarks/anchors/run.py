@@ -34,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+from dali_scp import cli  # noqa: E402
 LOADERS = ("ours:ssj_scp", "mmdet:ssj_scp", "torchvision:ssj_scp", "baseline:ssj_scp",
            "ours:ssj", "mmdet:ssj", "torchvision:ssj", "baseline:ssj", "ours:decode")
 WHAT = {
@@ -58,7 +60,6 @@ def log(msg: str):
 def dataset_root(a) -> Path:
     if a.coco_root:
         return Path(a.coco_root)
-    sys.path.insert(0, str(REPO))
     from dali_scp.synthetic import default_root
     return default_root(train=a.images, val=8)
 
@@ -68,7 +69,6 @@ def mmdet_python(a) -> str:
     if a.mmdet_python:
         py = a.mmdet_python
     else:
-        sys.path.insert(0, str(REPO))
         from dali_scp.files import cache_dir
         venv = cache_dir() / "anchors" / "mmdet-venv"
         py = str(venv / "bin" / "python")
@@ -253,23 +253,23 @@ def write_section(path: Path, section: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vision", default=None, help="torchvision source checkout (references/detection)")
     p.add_argument("--allow-version-mismatch", action="store_true",
                    help="use a checkout whose version.txt is not the installed torchvision's (recorded)")
     p.add_argument("--mmdet-python", default=None, help="Python of an environment with mmdetection 3.3 "
                    "(default: one made under the cache folder)")
     p.add_argument("--coco-root", default=None, help="COCO layout (default: the COCO-like synthetic set)")
-    p.add_argument("--images", type=int, default=512, help="synthetic training images (without --coco-root)")
+    p.add_argument("--images", type=cli.COUNT, default=512, help="synthetic training images (without --coco-root)")
     p.add_argument("--loaders", nargs="+", default=list(LOADERS),
                    help=f"family:pipeline, any of {', '.join(LOADERS)}, ours-dali-resize:ssj_scp|ssj")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batches", type=int, default=20, help="timed batches per loader and round")
-    p.add_argument("--warmup", type=int, default=8, help="untimed batches first (worker start-up, full queues)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=int, default=900, help="seconds one loader may take in one round")
+    p.add_argument("--batch", type=cli.COUNT, default=8)
+    p.add_argument("--workers", type=cli.COUNT, default=2, help="DataLoader workers = DALI threads")
+    p.add_argument("--rounds", type=cli.COUNT, default=3)
+    p.add_argument("--batches", type=cli.COUNT, default=20, help="timed batches per loader and round")
+    p.add_argument("--warmup", type=cli.NON_NEGATIVE, default=8, help="untimed batches first (worker start-up, full queues)")
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--timeout", type=cli.COUNT, default=900, help="seconds one loader may take in one round")
     p.add_argument("--json", default=str(HERE / "results.json"))
     p.add_argument("--md", default=str(HERE.parent / "RESULTS.md"), help="RESULTS.md whose section to rewrite")
     p.add_argument("--no-write", action="store_true", help="print only")
