@@ -482,6 +482,7 @@ def reference() -> None:
                          ori_shape=list(r.ori_shape), img_shape=list(r.img_shape)))
         print(f"image {i}: {REF_SIZES[i]} -> {r.img_shape[::-1]}, {len(d)} detections, "
               f"top scores {np.round(d.scores[:3].numpy(), 4)}")
+    out.update(rpn_ties_case(model))
     import cv2
     import mmdet
     out["info"] = np.array(json.dumps(dict(scale=REF_SCALE, sizes=REF_SIZES, detections=dets,
@@ -489,6 +490,30 @@ def reference() -> None:
                                            model="scripts/mmdet_reference.py's seeded checkpoint (its digest)")))
     np.savez_compressed(REF_OUT, **out)
     print(f"wrote {REF_OUT} ({REF_OUT.stat().st_size / 1e3:.0f} kB)")
+
+
+def rpn_ties_case(model) -> dict:
+    """mmdetection's ``RPNHead.predict_by_feat`` (test config: 1000 per level, NMS 0.7, 1000 kept) on crafted
+    outputs for a 160 x 224 input where thousands of anchors share the top score, as in a weakly trained
+    RPN: which of them become proposals, and in which order, is decided by how the selection breaks ties."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    h, w = 160, 224
+    cls, reg = [], []
+    for stride in (4, 8, 16, 32, 64):
+        fh, fw = -(-h // stride), -(-w // stride)
+        c = torch.randn(1, 3, fh, fw, generator=g) - 1.0
+        c[..., : fh // 2 + 1, :] = 1.5  # the tie: every anchor in the upper half
+        cls.append(c)
+        reg.append(torch.randn(1, 12, fh, fw, generator=g) * 0.3)
+    with torch.no_grad():
+        (res,) = model.rpn_head.predict_by_feat(cls, reg, batch_img_metas=[dict(img_shape=(h, w), scale_factor=(1, 1))],
+                                                cfg=model.test_cfg.rpn, rescale=False)
+    out = {f"ties_cls{k}": c.numpy() for k, c in enumerate(cls)} | {f"ties_reg{k}": r.numpy() for k, r in enumerate(reg)}
+    out.update(ties_boxes=res.bboxes.numpy(), ties_scores=res.scores.numpy())
+    tied = int((res.scores == torch.tensor(1.5).sigmoid()).sum())
+    print(f"rpn ties case: {len(res)} proposals, {tied} of them from anchors with the tied score")
+    return out
 
 
 # ------------------------------------------------------------------ CLI

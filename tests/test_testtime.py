@@ -203,3 +203,29 @@ def test_resize_flag_and_recipe_defaults(syn_root, tmp_path, monkeypatch):
         assert ev.main(["--checkpoint", str(tmp_path / "c.pth"), "--coco-root", str(syn_root), "--device", "cpu",
                         "--out", str(tmp_path)] + flag) == 0
         assert seen.pop() == replace(r.eval_resize, method=method)
+
+
+@pytest.mark.parametrize("select", ["mmdet", "torchvision"])
+def test_rpn_breaks_score_ties_as_mmdetection(seed_model, select):
+    """Thousands of anchors with the same top score (a weakly trained RPN gives its bias to every anchor
+    whose features are all zero): the seed recipes' RPN keeps the proposals mmdetection's ``RPNHead`` keeps,
+    in its order; torchvision's selection (top-k of logits, NMS per level) keeps others."""
+    from collections import OrderedDict
+    from torchvision.models.detection.image_list import ImageList
+
+    class Crafted(torch.nn.Module):
+        def forward(self, features):
+            return ([torch.from_numpy(REF[f"ties_cls{k}"]) for k in range(5)],
+                    [torch.from_numpy(REF[f"ties_reg{k}"]) for k in range(5)])
+    rpn = seed_model.rpn
+    head, chosen = rpn.head, rpn.select
+    rpn.head, rpn.select = Crafted(), select
+    try:
+        feats = OrderedDict((str(k), torch.zeros(1, 1, *REF[f"ties_cls{k}"].shape[2:])) for k in range(5))
+        with torch.no_grad():
+            boxes = rpn(ImageList(torch.zeros(1, 3, 160, 224), [(160, 224)]), feats)[0][0]
+    finally:
+        rpn.head, rpn.select = head, chosen
+    ref = torch.from_numpy(REF["ties_boxes"])
+    same = len(boxes) == len(ref) and torch.allclose(boxes, ref, atol=1e-4)
+    assert same == (select == "mmdet")
