@@ -64,9 +64,10 @@ def pipeline_preset(name: str, out_size: int | None = None) -> PipelinePreset:
 
 
 # How the test-time resize resamples (``EvalResize.method``): "antialias" - DALI's linear filter, widened
-# when shrinking so every source pixel counts; "opencv" - bilinear from the 2 x 2 nearest pixels, no
-# antialiasing, as OpenCV's INTER_LINEAR in mmdetection's test pipeline (equal to it within 1 grey level:
-# OpenCV rounds its weights to 11 bits). They differ only where an image is shrunk (docs/checkpoints.md).
+# when shrinking so every source pixel counts; "opencv" - OpenCV's INTER_LINEAR as mmdetection's test
+# pipeline resizes, bit for bit (bilinear from the 2 x 2 nearest pixels, no antialiasing, 11-bit weights;
+# ``pipelines.opencv_resize``). Where an image is shrunk they differ by several grey levels, elsewhere by
+# DALI's float rounding (docs/checkpoints.md).
 RESIZE_METHODS = ("antialias", "opencv")
 
 

@@ -105,13 +105,16 @@ def fit_size(h, w, cfg: presets.EvalResize):
 
 
 def fit_resize(jpegs, images, cfg: presets.EvalResize):
-    """Test-time geometry: resize keeping aspect to fit max_long x max_short (``fit_size``), with
-    ``cfg.method``'s filter (``presets.RESIZE_METHODS``), pad bottom/right to the batch's largest size rounded
-    up to ``pad_divisor``. Returns images, geometry (scale, valid h, valid w, 0) and the original (h, w)."""
+    """Test-time geometry: resize keeping aspect to fit max_long x max_short (``fit_size``), pad bottom/right
+    to the batch's largest size rounded up to ``pad_divisor``. Returns images, geometry (scale, valid h,
+    valid w, 0) and the original (h, w). ``cfg.method`` "antialias" resizes here; "opencv" leaves the
+    decoded image at its size for ``pipelines.iterator.EvalLoader`` to resize as OpenCV does
+    (``pipelines.opencv_resize``: integer arithmetic DALI's filters do not offer)."""
     h, w = stored_shape(jpegs, types.FLOAT64)
     r, oh, ow = fit_size(h, w, cfg)
-    size = fn.cast(fn.stack(oh, ow), dtype=types.FLOAT)  # whole numbers: exact in float32
-    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=cfg.method == "antialias")
+    if cfg.method == "antialias":
+        size = fn.cast(fn.stack(oh, ow), dtype=types.FLOAT)  # whole numbers: exact in float32
+        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.pad(images, axis_names="HW", align=[cfg.pad_divisor, cfg.pad_divisor])
     return images, fn.cast(fn.stack(r, oh, ow, 0.0 * r), dtype=types.FLOAT), fn.cast(fn.stack(h, w), dtype=types.FLOAT)
 

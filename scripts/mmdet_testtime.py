@@ -342,7 +342,7 @@ RUNS = {  # name -> (what it is, where its results are)
     "mmdet": "mmdetection's test: OpenCV decode + resize, its model, CocoMetric",
     "mmdet_on_dali": "mmdetection's model on the pixels of trainer.evaluate --resize antialias",
     "ours_antialias": "trainer.evaluate --resize antialias (DALI decode, antialiased resize)",
-    "ours_opencv": "trainer.evaluate --resize opencv (DALI decode, bilinear without antialiasing)",
+    "ours_opencv": "trainer.evaluate --resize opencv (DALI decode, OpenCV's INTER_LINEAR bit for bit)",
     "ours_on_mmdet": "our model on mmdetection's pixels (OpenCV decode + resize)",
 }
 
@@ -483,6 +483,7 @@ def reference() -> None:
         print(f"image {i}: {REF_SIZES[i]} -> {r.img_shape[::-1]}, {len(d)} detections, "
               f"top scores {np.round(d.scores[:3].numpy(), 4)}")
     out.update(rpn_ties_case(model))
+    out.update(resize_cases())
     import cv2
     import mmdet
     out["info"] = np.array(json.dumps(dict(scale=REF_SCALE, sizes=REF_SIZES, detections=dets,
@@ -490,6 +491,20 @@ def reference() -> None:
                                            model="scripts/mmdet_reference.py's seeded checkpoint (its digest)")))
     np.savez_compressed(REF_OUT, **out)
     print(f"wrote {REF_OUT} ({REF_OUT.stat().st_size / 1e3:.0f} kB)")
+
+
+def resize_cases() -> dict:
+    """OpenCV's INTER_LINEAR (what mmcv.imrescale calls) on small random images: enlarged, shrunk, exactly
+    halved (OpenCV switches to INTER_AREA there), one way in x and the other in y, one pixel wide."""
+    import cv2
+    rng = np.random.default_rng(11)
+    sizes = [((17, 23), (40, 53)), ((31, 29), (19, 11)), ((24, 18), (12, 9)), ((9, 30), (21, 13)), ((1, 7), (3, 16)),
+             ((20, 20), (20, 20)), ((13, 5), (29, 2)), ((25, 31), (37, 31))]
+    out = {}
+    for i, ((h, w), (oh, ow)) in enumerate(sizes):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        out[f"cv_in{i}"], out[f"cv_out{i}"] = img, cv2.resize(img, (ow, oh), interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def rpn_ties_case(model) -> dict:
