@@ -179,6 +179,8 @@ def test_polygon_results_score_as_pycocotools_scores_them(syn_root, tmp_path, sc
     (lambda r: r["segmentation"][0].__setitem__(2, "7"), "polygon 0 is not a list of numbers"),
     (lambda r: r["segmentation"].__setitem__(0, 5), "polygon 0 is not a list of numbers"),
     (lambda r: r["segmentation"][0].__setitem__(0, float("nan")), "not a finite number"),
+    (lambda r: r["segmentation"][0].__setitem__(0, 10 ** 400), "not a finite number"),
+    (lambda r: r["segmentation"][0].__setitem__(1, -3e9), "more than ten image sizes away"),
 ]])
 def test_bad_results_name_the_entry(syn_root, mutate, msg):
     split = resolve(syn_root, "val2017")

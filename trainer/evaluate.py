@@ -123,10 +123,11 @@ def _check_runs(where: str, runs, h: int, w: int) -> None:
                          f"the image has {h * w})")
 
 
-def _check_polygons(where: str, seg: list, bbox) -> None:
+def _check_polygons(where: str, seg: list, bbox, h: int, w: int) -> None:
     """A polygon segmentation as pycocotools' and LVIS's result loaders read it: [[x1, y1, x2, y2, ...], ...],
     with the entry's bbox, from which they take its area (without one they fail). A part of fewer than three
-    points is refused: pycocotools would read a first part of four numbers as a box [x, y, w, h]."""
+    points is refused: pycocotools would read a first part of four numbers as a box [x, y, w, h]. So is a
+    coordinate ten image sizes away: pycocotools' rasteriser allocates memory in proportion to the distance."""
     if bbox is None:
         raise ValueError(f"{where}: a polygon segmentation needs the entry's bbox (COCO's and LVIS's result "
                          "loaders take a polygon result's area from its box)")
@@ -138,8 +139,15 @@ def _check_polygons(where: str, seg: list, bbox) -> None:
         if len(part) % 2 or len(part) < 6:
             raise ValueError(f"{where}: polygon {k} has {len(part)} coordinates; expected x, y pairs of 3 points "
                              "or more")
-        if not np.isfinite(part).all():
+        try:
+            xy = np.asarray(part, np.float64)
+        except OverflowError:
+            xy = np.array([np.inf])
+        if not np.isfinite(xy).all():
             raise ValueError(f"{where}: polygon {k} has a coordinate that is not a finite number")
+        if np.abs(xy).max() > 10 * max(h, w):
+            raise ValueError(f"{where}: polygon {k} has a coordinate ({np.abs(xy).max():g}) more than ten image "
+                             f"sizes away from the {w} x {h} image")
 
 
 def validate_results(results, gt, source: str = "results") -> None:
@@ -180,7 +188,7 @@ def validate_results(results, gt, source: str = "results") -> None:
         where = f"{source}: entry {i} (image {iid})"
         h, w = imgs[iid]["height"], imgs[iid]["width"]
         if type(seg) is list:
-            _check_polygons(where, seg, b)
+            _check_polygons(where, seg, b, h, w)
             continue
         if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
             raise ValueError(f"{where}: segmentation is neither an RLE dict with 'size' and 'counts' nor a "
