@@ -63,13 +63,27 @@ def pipeline_preset(name: str, out_size: int | None = None) -> PipelinePreset:
     return p
 
 
+# How the test-time resize resamples (``EvalResize.method``): "antialias" - DALI's linear filter, widened
+# when shrinking so every source pixel counts; "opencv" - OpenCV's INTER_LINEAR as mmdetection's test
+# pipeline resizes, bit for bit (bilinear from the 2 x 2 nearest pixels, no antialiasing, 11-bit weights;
+# ``pipelines.opencv_resize``). Where an image is shrunk they differ by several grey levels, elsewhere by
+# DALI's float rounding (docs/checkpoints.md).
+RESIZE_METHODS = ("antialias", "opencv")
+
+
 @dataclass(frozen=True)
 class EvalResize:
     """Test-time resize keeping aspect (mmdetection: scale=(1333, 800), keep_ratio=True), pad to a
-    multiple of ``pad_divisor``."""
+    multiple of ``pad_divisor``. ``method``: one of RESIZE_METHODS; the default is what checkpoints
+    written before the field existed were evaluated with."""
     max_long: int = 1333
     max_short: int = 800
     pad_divisor: int = 32
+    method: str = "antialias"
+
+    def __post_init__(self):
+        if self.method not in RESIZE_METHODS:
+            raise ValueError(f"eval resize method {self.method!r}: choose one of {', '.join(RESIZE_METHODS)}")
 
 
 # The Recipe fields that choose between mmdetection's and torchvision's arithmetic.
@@ -170,6 +184,9 @@ _270K = dict(max_iters=270000, warmup_iters=1000, warmup_factor=0.001, steps=(24
 # mmdetection's model (mask-rcnn_r50_fpn + the seed config): its arithmetic everywhere it differs from
 # torchvision's, and its RPN keeps 1000 proposals per image in training (rpn_proposal.max_per_img).
 _SEED_MODEL = dict({f: "mmdet" for f in MODEL_FIELDS}, rpn_post_nms_train=1000)
+# ... and its test: 1333 x 800 resized as OpenCV resizes (no antialiasing), so its checkpoints score here as
+# mmdetection's own test scores them (docs/checkpoints.md, "The test-time path").
+_SEED_MODEL["eval_resize"] = EvalResize(method="opencv")
 
 RECIPES: dict[str, Recipe] = {}
 for _pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):

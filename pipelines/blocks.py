@@ -52,9 +52,9 @@ def decode(jpegs, device: str):
                              adjust_orientation=False)
 
 
-def stored_shape(jpegs):
+def stored_shape(jpegs, dtype=types.FLOAT):
     """(h, w) of the stored pixels, as ``decode`` returns them."""
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=False)
+    shape = fn.peek_image_shape(jpegs, dtype=dtype, adjust_orientation=False)
     return shape[0], shape[1]
 
 
@@ -134,17 +134,27 @@ def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages:
                                     dtype=types.UINT8, output_layout="HWC", mean=0.0, std=1.0)
 
 
-def fit_resize(jpegs, images, cfg: presets.EvalResize):
-    """Test-time geometry: resize keeping aspect to fit max_long x max_short, pad bottom/right to the
-    batch's largest size rounded up to ``pad_divisor``. Returns images, geometry (scale, valid h,
-    valid w, 0) and the original (h, w)."""
-    h, w = stored_shape(jpegs)
+def fit_size(h, w, cfg: presets.EvalResize):
+    """mmcv's ``rescale_size``: scale min(long / max(h, w), short / min(h, w)), sides int(x * scale + 0.5),
+    in float64 as Python computes it (float32 rounds e.g. 320 x 640's 666.5 down to 666). Returns
+    (scale, out h, out w)."""
     r = _fit_scale(h, w, float(cfg.max_long), float(cfg.max_short))
-    oh = dmath.max(dmath.floor(h * r + 0.5), 1.0)
-    ow = dmath.max(dmath.floor(w * r + 0.5), 1.0)
-    images = fn.resize(images, size=fn.stack(oh, ow), interp_type=types.INTERP_LINEAR, antialias=True)
+    return r, dmath.max(dmath.floor(h * r + 0.5), 1.0), dmath.max(dmath.floor(w * r + 0.5), 1.0)
+
+
+def fit_resize(jpegs, images, cfg: presets.EvalResize):
+    """Test-time geometry: resize keeping aspect to fit max_long x max_short (``fit_size``), pad bottom/right
+    to the batch's largest size rounded up to ``pad_divisor``. Returns images, geometry (scale, valid h,
+    valid w, 0) and the original (h, w). ``cfg.method`` "antialias" resizes here; "opencv" leaves the
+    decoded image at its size for ``pipelines.iterator.EvalLoader`` to resize as OpenCV does
+    (``pipelines.opencv_resize``: integer arithmetic DALI's filters do not offer)."""
+    h, w = stored_shape(jpegs, types.FLOAT64)
+    r, oh, ow = fit_size(h, w, cfg)
+    if cfg.method == "antialias":
+        size = fn.cast(fn.stack(oh, ow), dtype=types.FLOAT)  # whole numbers: exact in float32
+        images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.pad(images, axis_names="HW", align=[cfg.pad_divisor, cfg.pad_divisor])
-    return images, fn.stack(r, oh, ow, 0.0 * r), fn.stack(h, w)
+    return images, fn.cast(fn.stack(r, oh, ow, 0.0 * r), dtype=types.FLOAT), fn.cast(fn.stack(h, w), dtype=types.FLOAT)
 
 
 # COCO train2017's most crowded image has 93 instances: the worst case the output hints are sized for.

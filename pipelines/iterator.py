@@ -22,6 +22,7 @@ from dali_scp.order import TrainingOrder, repeat_factors
 from dali_scp.deps import require_dali
 from dali_scp.presets import EvalResize
 from pipelines import coco, stages
+from pipelines.opencv_resize import resize_linear
 from pipelines.outputs import EVAL_OUTPUTS, OUTPUTS, Geometry
 
 require_dali()
@@ -185,6 +186,7 @@ class EvalLoader:
     def __init__(self, split: CocoSplit, resize: EvalResize, batch_size: int = 4, device: str = "cpu",
                  shard_id: int = 0, num_shards: int = 1, device_id: int | None = None,
                  annotations: str | None = None):
+        self.resize = resize
         self.pipe = coco.build_eval(split, resize, batch_size, device, shard_id=shard_id, num_shards=num_shards,
                                     device_id=device_id, annotations=annotations)
         self.it = DALIGenericIterator([self.pipe], list(EVAL_OUTPUTS), reader_name=coco.blocks.READER_NAME,
@@ -196,10 +198,24 @@ class EvalLoader:
     def __iter__(self):
         for data in self.it:
             d = data[0]
-            yield EvalBatch(images=d["images"],
-                            image_ids=[int(i.reshape(-1)[0]) for i in d["image_ids"]],
-                            geometry=[Geometry.from_row(g) for g in d["geometry"].cpu()],
-                            orig_sizes=[(int(h), int(w)) for h, w in d["orig_size"].cpu().tolist()])
+            geometry = [Geometry.from_row(g) for g in d["geometry"].cpu()]
+            orig_sizes = [(int(h), int(w)) for h, w in d["orig_size"].cpu().tolist()]
+            images = d["images"]
+            if self.resize.method == "opencv":  # the pipeline decoded; resize as OpenCV does, on its device
+                images = opencv_resized(images, orig_sizes, geometry, self.resize.pad_divisor)
+            yield EvalBatch(images=images, image_ids=[int(i.reshape(-1)[0]) for i in d["image_ids"]],
+                            geometry=geometry, orig_sizes=orig_sizes)
+
+
+def opencv_resized(decoded: torch.Tensor, orig_sizes: list, geometry: list, pad_divisor: int) -> torch.Tensor:
+    """The batch of decoded images (each padded to the batch's largest) resized to their ``geometry``'s
+    valid size as OpenCV resizes (``pipelines.opencv_resize``), padded as the pipeline pads (batch
+    maximum rounded up to ``pad_divisor``, zeros)."""
+    h, w = (-(-max(getattr(g, k) for g in geometry) // pad_divisor) * pad_divisor for k in ("valid_h", "valid_w"))
+    out = decoded.new_zeros((len(geometry), h, w, decoded.shape[-1]))
+    for i, ((oh, ow), g) in enumerate(zip(orig_sizes, geometry)):
+        out[i, : g.valid_h, : g.valid_w] = resize_linear(decoded[i, :oh, :ow], g.valid_h, g.valid_w)
+    return out
 
 
 _SHIFTS: dict = {}     # device -> [7..0] uint8, made once per device (not an operation per batch)

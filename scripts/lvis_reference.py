@@ -14,7 +14,9 @@ image is ignored, a negative category's detection is a false positive, an unmatc
 not-exhaustive category is ignored; the expected per-category APs are also written out by hand in the
 test), ``top300`` (LVIS keeps the 300 best detections per image across categories, so a correct
 detection ranked 301st is lost), and ``random`` (polygons of all sizes, all three frequency groups,
-jittered and false detections; all 13 numbers of bbox and segm).
+jittered and false detections; all 13 numbers of bbox and segm), and ``polygons`` (the same with polygon
+segmentations in the results, scored as LVISResults reads them: rasterised at the image's size, the area of
+the entry's box; with false thin slivers whose box and mask areas differ in size range).
 """
 from __future__ import annotations
 
@@ -90,9 +92,11 @@ def top300_case():
     return gt, results
 
 
-def random_case(seed=0):
+def random_case(seed=0, polygons=False):
     """Polygons of every size in 8 images of 320x240, six categories (r r c c f f), neg and not-exhaustive
-    lists drawn at random, detections jittered from the ground truth or placed at random."""
+    lists drawn at random, detections jittered from the ground truth or placed at random. ``polygons``: the
+    detections' segmentations are the polygons themselves (with their boxes), and thin diagonal slivers are
+    added as false detections (box area large, mask area small: the area rule shows in APs / APl)."""
     rng = np.random.default_rng(seed)
     W, H = 320, 240
     categories = cats("rrccff")
@@ -120,7 +124,8 @@ def random_case(seed=0):
                 r = rle_of(jp, H, W)
                 results.append(dict(image_id=i, category_id=c if rng.random() < 0.85 else int(rng.integers(1, 7)),
                                     score=round(float(rng.uniform(0.05, 1)), 4),
-                                    bbox=[round(v, 2) for v in mask_utils.toBbox(r).tolist()], segmentation=r))
+                                    bbox=[round(v, 2) for v in mask_utils.toBbox(r).tolist()],
+                                    segmentation=jp if polygons else r))
         absent = [c for c in range(1, 7) if c not in present]
         neg = [c for c in absent if rng.random() < 0.5]
         nel = [c for c in sorted(present) if rng.random() < 0.3]
@@ -130,19 +135,32 @@ def random_case(seed=0):
             x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
             results.append(det(i, int(rng.integers(1, 7)), round(float(rng.uniform(0.05, 1)), 4),
                                round(x, 2), round(y, 2), round(w, 2), round(h, 2), (H, W)))
+            if polygons:
+                results[-1]["segmentation"] = box_poly(*results[-1]["bbox"])
+    if polygons:
+        slivers = np.random.default_rng(seed + 1)
+        for i in range(1, 9):
+            for _ in range(3):
+                w, h = slivers.uniform(100, 200), slivers.uniform(100, 200)
+                x, y = slivers.uniform(0, W - w), slivers.uniform(0, H - h)
+                poly = [round(float(v), 2) for v in (x, y, x + 3, y, x + w, y + h, x + w - 3, y + h)]
+                results.append(dict(image_id=i, category_id=int(slivers.integers(1, 7)),
+                                    score=round(float(slivers.uniform(0.05, 1)), 4),
+                                    bbox=[round(float(v), 2) for v in (x, y, w, h)], segmentation=[poly]))
     return dict(images=images, categories=categories, annotations=anns), results
 
 
 def lvis_numbers(gt: dict, results: list) -> dict:
     """LVISEval's 13 numbers for bbox and segm, results handled as detectron2's LVIS evaluator hands them
-    over (segm without the box, so areas are mask areas)."""
+    over (segm without the box, so areas are mask areas) - except polygon results, which LVISResults only
+    reads with their box (whose area it then uses): those are handed over as a results file holds them."""
     out = {}
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "gt.json"
         path.write_text(json.dumps(gt))
         for t in ("bbox", "segm"):
             res = [dict(r) for r in results]
-            if t == "segm":
+            if t == "segm" and not any(isinstance(r["segmentation"], list) for r in res):
                 for r in res:
                     r.pop("bbox")
             lvis_gt = LVIS(str(path))
@@ -158,7 +176,7 @@ def main():
     a = p.parse_args()
     cases = []
     for name, (gt, results) in (("federated", federated_case()), ("top300", top300_case()),
-                                ("random", random_case())):
+                                ("random", random_case()), ("polygons", random_case(polygons=True))):
         cases.append(dict(name=name, gt=gt, results=results, lvis=lvis_numbers(gt, [dict(r) for r in results])))
     import lvis
     Path(a.out).write_text(json.dumps(dict(generator="scripts/lvis_reference.py", lvis_version=lvis.__version__

@@ -86,6 +86,82 @@ def test_empty_images_and_category_zero(tmp_path):
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
 
 
+def polygon_results(gt, rng=None) -> list:
+    """Ground-truth polygons as results with the annotation's box (score 1); with ``rng`` degraded: objects
+    dropped, polygons scaled and shifted (the box: their extent), some labels wrong, random scores, and false
+    detections per image - boxes and thin diagonal slivers, whose box area (large) and mask area (small)
+    fall in different COCO size ranges, so the area rule shows in APs/APl."""
+    out = []
+    for a in gt.dataset["annotations"]:
+        if a["iscrowd"] or type(a["segmentation"]) is not list:
+            continue
+        if rng is None:
+            out.append(dict(image_id=a["image_id"], category_id=a["category_id"], score=1.0, bbox=list(a["bbox"]),
+                            segmentation=a["segmentation"]))
+            continue
+        if rng.random() < 0.15:
+            continue
+        im = gt.imgs[a["image_id"]]
+        size = max(a["bbox"][2], a["bbox"][3])
+        k, d = rng.uniform(0.85, 1.15), rng.normal(0, 0.08 * size, 2)
+        parts = []
+        for p in a["segmentation"]:
+            xy = np.asarray(p, np.float64).reshape(-1, 2)
+            xy = ((xy - xy.mean(0)) * k + xy.mean(0) + d).clip(0, [im["width"], im["height"]])
+            parts.append(np.round(xy, 2))
+        allp = np.concatenate(parts)
+        lo, hi = allp.min(0), allp.max(0)
+        cat = a["category_id"] if rng.random() > 0.1 else int(rng.choice(gt.getCatIds()))
+        out.append(dict(image_id=a["image_id"], category_id=cat, score=round(float(rng.uniform(0.05, 1)), 4),
+                        bbox=[float(v) for v in np.round([lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1]], 2)],
+                        segmentation=[q.reshape(-1).tolist() for q in parts]))
+    if rng is not None:
+        for iid, im in gt.imgs.items():
+            for _ in range(int(rng.integers(1, 4))):
+                w, h = rng.uniform(0.2, 0.6) * im["width"], rng.uniform(0.2, 0.6) * im["height"]
+                x, y = rng.uniform(0, im["width"] - w), rng.uniform(0, im["height"] - h)
+                sliver = rng.random() < 0.6
+                poly = ([x, y, x + 3, y, x + w, y + h, x + w - 3, y + h] if sliver else
+                        [x, y, x + w, y, x + w, y + h, x, y + h])
+                out.append(dict(image_id=iid, category_id=int(rng.choice(gt.getCatIds())),
+                                score=round(float(rng.uniform(0.05, 1)), 4),
+                                bbox=[round(float(v), 2) for v in (x, y, w, h)],
+                                segmentation=[[round(float(v), 2) for v in poly]]))
+    return out
+
+
+def pycocotools_as_given(gt, results, iou_type):
+    """pycocotools on the entries exactly as a user's file holds them (loadRes: bbox present)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iou_type)
+        e.evaluate(), e.accumulate(), e.summarize()
+    return e.stats
+
+
+@pytest.mark.parametrize("scorer", ev.SCORERS)
+def test_polygon_results_score_as_pycocotools_scores_them(syn_root, tmp_path, scorer):
+    split = resolve(syn_root, "val2017")
+    gt = quiet_coco(split.annotations)
+    f = tmp_path / "polygons.json"
+    f.write_text(json.dumps(polygon_results(gt)))
+    assert ev.main(["--results", str(f), "--coco-root", str(syn_root), "--scorer", scorer, "--out", str(tmp_path)]) == 0
+    perfect = json.loads((tmp_path / "metrics.json").read_text())
+    for t in ("bbox", "segm"):
+        assert perfect[t]["AP"] == 1.0 and perfect[t]["AR100"] == 1.0, t
+    worse = polygon_results(gt, np.random.default_rng(3))
+    m = ev.score(ev.load_ground_truth(split.annotations, scorer), worse, scorer=scorer)
+    for t in ("bbox", "segm"):
+        ours = [m[t][n] for n in ev.STAT_NAMES]
+        assert 0.1 < m[t]["AP"] < 0.9, (t, m[t]["AP"])  # informative: neither perfect nor nothing
+        np.testing.assert_allclose(ours, pycocotools_as_given(gt, worse, t), rtol=0, atol=1e-6, err_msg=t)
+    # the area rule is what makes them equal: with mask areas (the RLE rule) the size-split numbers move
+    as_rle = [dict(r, segmentation=ev.results_of_type([r], "segm", gt.imgs).entries[0]["segmentation"])
+              for r in worse]
+    m_rle = ev.score(gt, as_rle, iou_types=("segm",))["segm"]
+    assert any(abs(m_rle[n] - m["segm"][n]) > 1e-3 for n in ("APs", "APm", "APl"))
+    assert m_rle["AP"] == pytest.approx(m["segm"]["AP"], abs=1e-6)  # the same pixels
+
+
 @pytest.mark.parametrize("mutate,msg", [
     (lambda r: r.update(image_id=999999), "image_id 999999 is not in the ground truth"),
     (lambda r: r.update(category_id=4242), "category_id 4242"),
@@ -94,11 +170,25 @@ def test_empty_images_and_category_zero(tmp_path):
     (lambda r: r["segmentation"].update(counts="!!!!"), "malformed RLE"),
     (lambda r: r["segmentation"].update(size=[1, 1]), "RLE size"),
     (lambda r: r.update(image_id="7"), "not an integer"),
-])
+    (lambda r: r.update(segmentation="polygon"), "neither an RLE dict"),
+] + [(m, "polygon results: " + msg) for m, msg in [
+    (lambda r: r.pop("bbox"), "a polygon segmentation needs the entry's bbox"),
+    (lambda r: r.update(segmentation=[]), "empty list of polygons"),
+    (lambda r: r["segmentation"].append([1.0, 2.0, 3.0, 4.0]), "polygon 1 has 4 coordinates"),
+    (lambda r: r["segmentation"][0].pop(), "coordinates; expected x, y pairs"),
+    (lambda r: r["segmentation"][0].__setitem__(2, "7"), "polygon 0 is not a list of numbers"),
+    (lambda r: r["segmentation"].__setitem__(0, 5), "polygon 0 is not a list of numbers"),
+    (lambda r: r["segmentation"][0].__setitem__(0, float("nan")), "not a finite number"),
+    (lambda r: r["segmentation"][0].__setitem__(0, 10 ** 400), "not a finite number"),
+    (lambda r: r["segmentation"][0].__setitem__(1, -3e9), "more than ten image sizes away"),
+]])
 def test_bad_results_name_the_entry(syn_root, mutate, msg):
     split = resolve(syn_root, "val2017")
     gt = quiet_coco(split.annotations)
     results = gt_detections(gt, split)
+    if msg.startswith("polygon results: "):
+        msg = msg.removeprefix("polygon results: ")
+        results = [dict(r, segmentation=[list(p) for p in r["segmentation"]]) for r in polygon_results(gt)]
     mutate(results[3])
     with pytest.raises(ValueError, match="entry 3") as e:
         ev.validate_results(results, gt, "r.json")

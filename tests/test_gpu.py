@@ -144,3 +144,17 @@ def test_an_error_inside_a_gpu_stage_is_one_named_error_not_a_crash(stage, syn_r
     p = run_probe(syn_root, "gpu", stage)
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr[-3000:]}"
     assert f"CAUGHT the {stage} stage failed on batch 0: ValueError: planted failure" in p.stdout, p.stdout
+
+
+def test_opencv_resize_on_the_gpu_is_opencvs():
+    """``trainer.evaluate --resize opencv`` resizes on the batch's device: on CUDA the integer arithmetic
+    gives OpenCV's pixels as on the CPU (tests/data/mmdet_testtime.npz: OpenCV's own outputs)."""
+    import torch
+    from pathlib import Path
+    from pipelines.opencv_resize import resize_linear
+    ref = np.load(Path(__file__).parent / "data" / "mmdet_testtime.npz")
+    for i in range(len([k for k in ref.files if k.startswith("cv_in")])):
+        out = ref[f"cv_out{i}"]
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+        got = resize_linear(torch.from_numpy(ref[f"cv_in{i}"]).cuda(), *out.shape[:2]).cpu().numpy()
+        np.testing.assert_array_equal(got, out)

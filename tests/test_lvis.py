@@ -34,7 +34,7 @@ def gt_of(c, tmp_path):
 
 
 # ---------------------------------------------------------------- federated evaluation vs LVIS's code
-@pytest.mark.parametrize("name", ["federated", "top300", "random"])
+@pytest.mark.parametrize("name", ["federated", "top300", "random", "polygons"])
 def test_scores_equal_lvis_reference(name, tmp_path):
     c = case(name)
     ours = lvis_eval.score(gt_of(c, tmp_path), [dict(r) for r in c["results"]])
@@ -42,6 +42,19 @@ def test_scores_equal_lvis_reference(name, tmp_path):
         assert set(ours[t]) == set(c["lvis"][t])
         for k, v in c["lvis"][t].items():
             assert ours[t][k] == pytest.approx(v, abs=1e-9), (name, t, k)
+
+
+def test_polygon_results_take_their_box_area(tmp_path):
+    """In the polygons case the same pixels as RLE (mask areas) give other size-split numbers than
+    LVISResults gives polygon results (box areas): the reference above holds the rule, not only the pixels."""
+    from trainer.evaluate import results_of_type
+    c = case("polygons")
+    gt = gt_of(c, tmp_path)
+    as_rle = [dict(r, segmentation=results_of_type([r], "segm", gt.imgs).entries[0]["segmentation"])
+              for r in c["results"]]
+    m = lvis_eval.score(gt, as_rle, iou_types=("segm",))["segm"]
+    assert m["AP"] == pytest.approx(c["lvis"]["segm"]["AP"], abs=1e-9)
+    assert any(abs(m[k] - c["lvis"]["segm"][k]) > 1e-3 for k in ("APs", "APm", "APl"))
 
 
 def test_federated_case_by_hand(tmp_path):
@@ -150,10 +163,13 @@ def test_eval_loader_reads_val_images_from_train2017(lvis_val):
     assert any(im["file_name"].startswith("train2017/") for im in doc["images"])
 
 
-def test_ground_truth_as_results_scores_100(lvis_val, tmp_path):
+@pytest.mark.parametrize("polygons", [False, True])
+def test_ground_truth_as_results_scores_100(lvis_val, tmp_path, polygons):
     gt = lvis_eval.load_ground_truth(lvis_val.annotations)
     res = tmp_path / "gt_results.json"
-    res.write_text(json.dumps(lvis_eval.ground_truth_as_results(gt)))
+    results = lvis_eval.ground_truth_as_results(gt, polygons)
+    assert polygons == all(type(r["segmentation"]) is list for r in results)
+    res.write_text(json.dumps(results))
     p = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--dataset", "lvis", "--results", str(res),
                         "--out", str(tmp_path / "ev")], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -1,11 +1,12 @@
 """COCO evaluation: box AP and mask AP with COCOeval, the numbers of the target table.
 
     python -m trainer.evaluate --checkpoint RUN/ckpt_00090000.pth [--coco-root DIR] [--split val2017]
-    python -m trainer.evaluate --results results.json [--coco-root DIR]   # score results from elsewhere
+    python -m trainer.evaluate --results results.json [--coco-root DIR]   # score results from elsewhere (RLE or polygons)
     python -m trainer.evaluate --checkpoint CKPT --coco-root DIR --dataset lvis  # LVIS's federated AP
 
 Images go through a DALI evaluation pipeline (decode, resize keeping aspect as the recipe says -
-mmdetection tests at 1333x800 - pad, no augmentation). Boxes are mapped back to the original image,
+mmdetection tests at 1333x800, resampling as OpenCV does: ``--resize opencv``, the seed recipes' - pad, no
+augmentation). Boxes are mapped back to the original image,
 masks are pasted back at the original resolution and thresholded at 0.5, RLE-encoded, labels mapped
 back to the dataset's category ids. An image annotated on its EXIF-oriented view (the dataset check
 marks it) gets its boxes and masks mapped from the stored pixels the model saw into that frame. Scores
@@ -26,6 +27,7 @@ import io
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from dali_scp import dataset as ds
 from dali_scp import orientation
+from dali_scp.presets import RESIZE_METHODS
 from dali_scp.rle import compressed_run_totals, rle_runs
 from trainer import distributed as dist_utils
 from trainer.model import inference
@@ -120,6 +123,33 @@ def _check_runs(where: str, runs, h: int, w: int) -> None:
                          f"the image has {h * w})")
 
 
+def _check_polygons(where: str, seg: list, bbox, h: int, w: int) -> None:
+    """A polygon segmentation as pycocotools' and LVIS's result loaders read it: [[x1, y1, x2, y2, ...], ...],
+    with the entry's bbox, from which they take its area (without one they fail). A part of fewer than three
+    points is refused: pycocotools would read a first part of four numbers as a box [x, y, w, h]. So is a
+    coordinate ten image sizes away: pycocotools' rasteriser allocates memory in proportion to the distance."""
+    if bbox is None:
+        raise ValueError(f"{where}: a polygon segmentation needs the entry's bbox (COCO's and LVIS's result "
+                         "loaders take a polygon result's area from its box)")
+    if not seg:
+        raise ValueError(f"{where}: segmentation is an empty list of polygons")
+    for k, part in enumerate(seg):
+        if type(part) is not list or not all(type(v) is float or type(v) is int for v in part):
+            raise ValueError(f"{where}: polygon {k} is not a list of numbers [x1, y1, x2, y2, ...]")
+        if len(part) % 2 or len(part) < 6:
+            raise ValueError(f"{where}: polygon {k} has {len(part)} coordinates; expected x, y pairs of 3 points "
+                             "or more")
+        try:
+            xy = np.asarray(part, np.float64)
+        except OverflowError:
+            xy = np.array([np.inf])
+        if not np.isfinite(xy).all():
+            raise ValueError(f"{where}: polygon {k} has a coordinate that is not a finite number")
+        if np.abs(xy).max() > 10 * max(h, w):
+            raise ValueError(f"{where}: polygon {k} has a coordinate ({np.abs(xy).max():g}) more than ten image "
+                             f"sizes away from the {w} x {h} image")
+
+
 def validate_results(results, gt, source: str = "results") -> None:
     """Clear errors naming the entry, instead of a KeyError inside the scorer (or C code reading past
     an RLE's end). ``gt``: either scorer's COCO. The compressed RLE strings (one per detection, 500,000
@@ -157,8 +187,12 @@ def validate_results(results, gt, source: str = "results") -> None:
             continue
         where = f"{source}: entry {i} (image {iid})"
         h, w = imgs[iid]["height"], imgs[iid]["width"]
+        if type(seg) is list:
+            _check_polygons(where, seg, b, h, w)
+            continue
         if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
-            raise ValueError(f"{where}: segmentation is not an RLE dict with 'size' and 'counts'")
+            raise ValueError(f"{where}: segmentation is neither an RLE dict with 'size' and 'counts' nor a "
+                             "list of polygons")
         if list(seg["size"]) != [h, w]:
             raise ValueError(f"{where}: RLE size {seg['size']} differs from the image's [{h}, {w}]")
         counts = seg["counts"]
@@ -214,33 +248,57 @@ def load_ground_truth(path, scorer: str = DEFAULT_SCORER):
         raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from e
 
 
-def results_of_type(results: list, iou_type: str) -> list:
-    """Copies of the entries scored as ``iou_type``; segm entries without their bbox, so mask areas define
-    small/medium/large (as detectron2 does)."""
+class TypedResults(NamedTuple):
+    """The entries scored as one IoU type, and the areas the result loader must not compute itself."""
+    entries: list
+    areas: dict  # index in ``entries`` -> area (polygon results: their box's)
+
+
+def results_of_type(results: list, iou_type: str, imgs: dict) -> TypedResults:
+    """Copies of the entries scored as ``iou_type``. segm entries lose their bbox, so mask areas define
+    small/medium/large (as detectron2 does) - except polygon results, scored as pycocotools' ``loadRes`` and
+    LVIS's ``LVISResults`` score them: rasterised at their image's size (``annToRLE`` / ``ann_to_rle``:
+    ``frPyObjects`` + ``merge``; the polygons become that RLE here, so both scorers get the same pixels)
+    with the area of their box (``imgs``: the ground truth's images by id)."""
     key = "bbox" if iou_type == "bbox" else "segmentation"
     res = [dict(r) for r in results if key in r]
+    areas = {}
     if iou_type == "segm":
-        for r in res:
-            r.pop("bbox", None)
-    return res
+        for i, r in enumerate(res):
+            box = r.pop("bbox", None)
+            if type(r["segmentation"]) is list:
+                im = imgs[r["image_id"]]
+                rle = mask_utils.merge(mask_utils.frPyObjects(r["segmentation"], im["height"], im["width"]))
+                r["segmentation"] = dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
+                areas[i] = box[2] * box[3]
+    return TypedResults(res, areas)
+
+
+def load_results(gt, typed: TypedResults):
+    """``gt.loadRes`` of the entries (it numbers them 1..N in order), then the areas it must not compute."""
+    dt = gt.loadRes(typed.entries)
+    for i, area in typed.areas.items():
+        dt.anns[i + 1]["area"] = area
+    return dt
 
 
 def score(gt, results: list, iou_types=("bbox", "segm"), verbose: bool = False,
           scorer: str = DEFAULT_SCORER) -> dict:
     """COCOeval per type; returns {type: {stat name: value}}. ``gt``: a COCO of either library (the
-    other one's is re-indexed from its data). Each type gets its own copy of the results (segm without
-    bbox, so mask areas define small/medium/large, as detectron2 does). No results of a type: COCOeval
+    other one's is re-indexed from its data). Each type gets its own copy of the results (``results_of_type``:
+    segm without bbox, so mask areas define small/medium/large, as detectron2 does; polygon results as
+    pycocotools scores them). No results of a type: COCOeval
     of an empty detection set (0 where there is ground truth, -1 where there is none), not an error."""
     coco_cls, make_eval = coco_api(scorer)
     if not isinstance(gt, coco_cls):
         gt = _indexed(coco_cls, gt.dataset)
     metrics = {}
     for t in iou_types:
-        res = results_of_type(results, t)
+        res = results_of_type(results, t, gt.imgs)
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink if not verbose else sys.stdout):
-            if res:
-                dt = gt.loadRes(res)
+            if res.entries:
+                dt = load_results(gt, res)
             else:  # pycocotools' loadRes cannot take an empty list
                 dt = _indexed(coco_cls, dict(images=list(gt.dataset["images"]), annotations=[],
                                              categories=[dict(c) for c in gt.dataset["categories"]]))
@@ -297,14 +355,25 @@ def predict(model, split: ds.CocoSplit, resize, device: str = "cpu", batch_size:
     model.eval()
     results, scored = [], []
     for batch in tqdm(loader, total=len(loader), desc="evaluating", unit="batch", disable=not progress, leave=False):
-        images = batch.images.to(device)
-        imgs = [images[i, : g.valid_h, : g.valid_w].permute(2, 0, 1) for i, g in enumerate(batch.geometry)]
-        dets = inference(model, imgs, batch.orig_sizes)
-        for iid, (h, w), det in zip(batch.image_ids, batch.orig_sizes, dets):
-            scored.append(iid)
-            o = (orient[iid], w, h) if iid in orient else None
-            results += detections_to_results(iid, det, l2c, orient=o)
+        results += batch_results(model, batch, device, l2c, orient)
+        scored += batch.image_ids
     return results, scored
+
+
+@torch.no_grad()
+def batch_results(model, batch, device: str, label_to_cat: np.ndarray, orient: dict | None = None) -> list:
+    """One ``pipelines.iterator.EvalBatch`` -> COCO result entries at the original image sizes (the model
+    batches and pads the valid regions itself). ``orient``: image id -> EXIF tag, for images annotated in
+    their oriented frame."""
+    orient = orient or {}
+    images = batch.images.to(device)
+    imgs = [images[i, : g.valid_h, : g.valid_w].permute(2, 0, 1) for i, g in enumerate(batch.geometry)]
+    dets = inference(model, imgs, batch.orig_sizes)
+    results = []
+    for iid, (h, w), det in zip(batch.image_ids, batch.orig_sizes, dets):
+        o = (orient[iid], w, h) if iid in orient else None
+        results += detections_to_results(iid, det, label_to_cat, orient=o)
+    return results
 
 
 def evaluate_model(model, split: ds.CocoSplit, resize, device: str, batch_size: int, d: dist_utils.Dist,
@@ -416,6 +485,10 @@ def _main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--batch-size", type=cli.COUNT, default=4, help="images per batch per process")
+    p.add_argument("--resize", choices=RESIZE_METHODS, default=None,
+                   help="test-time resize filter (default: the checkpoint recipe's): antialias = DALI's linear, "
+                        "antialiased when shrinking; opencv = bilinear without antialiasing, as mmdetection's test "
+                        "(docs/checkpoints.md)")
     p.add_argument("--scorer", choices=SCORERS, default=DEFAULT_SCORER,
                    help=f"COCOeval implementation (default {DEFAULT_SCORER}; pycocotools: the reference, slower)")
     cli.add_debug_flag(p)
@@ -444,7 +517,8 @@ def _main(argv=None) -> int:
     check_classes(a.checkpoint, state, split)
     model.to(device)
     out = Path(a.out) if a.out else Path(a.checkpoint).parent / f"eval_{a.split}"
-    metrics, _ = evaluate_model(model, split, recipe.eval_resize, device, a.batch_size, d, out, scorer=a.scorer)
+    resize = replace(recipe.eval_resize, method=a.resize or recipe.eval_resize.method)
+    metrics, _ = evaluate_model(model, split, resize, device, a.batch_size, d, out, scorer=a.scorer)
     if d.is_main:
         print(sc.format_table(metrics))
         print(f"results and metrics written to {out}")

@@ -63,15 +63,16 @@ def limit_per_image(results: list, max_dets: int = MAX_DETS) -> list:
 
 def score(gt, results: list, iou_types=("bbox", "segm"), max_dets: int = MAX_DETS) -> dict:
     """LVIS's 13 numbers per type: {type: {stat name: value}}. Each type gets its own copy of the results
-    (segm without bbox, so mask areas define small/medium/large, as detectron2's LVIS evaluator does)."""
+    (segm without bbox, so mask areas define small/medium/large, as detectron2's LVIS evaluator does; polygon
+    results with their box's area, as ``LVISResults`` sets it: ``trainer.evaluate.results_of_type``)."""
     from faster_coco_eval import COCOeval_faster
     results = limit_per_image(results, max_dets)
     metrics = {}
-    from trainer.evaluate import results_of_type
+    from trainer.evaluate import load_results, results_of_type
     for t in iou_types:
-        res = results_of_type(results, t)
+        res = results_of_type(results, t, gt.imgs)
         with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(res)
+            dt = load_results(gt, res)
             ev = COCOeval_faster(gt, dt, t, lvis_style=True, print_function=lambda *a, **k: None)
             ev.params.maxDets = [max_dets]
             ev.evaluate()
@@ -89,12 +90,17 @@ def format_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def ground_truth_as_results(gt) -> list:
-    """Every annotation of ``gt`` as a detection with score 1 (RLE masks, as results carry them): the
-    input that must score AP 100, whatever the federated rules."""
+def ground_truth_as_results(gt, polygons: bool = False) -> list:
+    """Every annotation of ``gt`` as a detection with score 1 (RLE masks, as results carry them; with
+    ``polygons`` the polygon annotations keep theirs): the input that must score AP 100, whatever the
+    federated rules."""
     from faster_coco_eval.core import mask as mask_utils
     out = []
     for a in gt.dataset["annotations"]:
+        if polygons and type(a["segmentation"]) is list:
+            out.append(dict(image_id=a["image_id"], category_id=a["category_id"], score=1.0, bbox=list(a["bbox"]),
+                            segmentation=a["segmentation"]))
+            continue
         im = gt.imgs[a["image_id"]]
         rle = gt.annToRLE(a)
         if isinstance(rle.get("counts"), list):

@@ -124,9 +124,38 @@ def box_regression_loss(kind: str, pred, target):
 
 
 class SeedRPN(RegionProposalNetwork):
-    """torchvision's RPN with the recipe's box loss (``compute_loss`` as torchvision's, the loss swapped)."""
+    """torchvision's RPN with the recipe's box loss (``compute_loss`` as torchvision's, the loss swapped) and
+    proposal selection (``select``)."""
 
     box_loss = "torchvision"
+    select = "torchvision"
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """``select == "mmdet"``: as mmdetection's ``RPNHead`` selects - per level the ``pre_nms_top_n`` best by
+        a descending sort of the sigmoid scores, boxes clipped, those with w or h of 0 dropped, one NMS over all
+        levels kept apart by coordinate offsets, the first ``post_nms_top_n``. The same set as torchvision's
+        (top-k of the logits, NMS per level, merged by a sort) except where scores tie exactly - a weakly
+        trained RPN gives hundreds of anchors the same score - which here break as in mmdetection."""
+        if self.select != "mmdet":
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        scores_all = objectness.detach().reshape(proposals.shape[0], -1).sigmoid()
+        final_boxes, final_scores = [], []
+        for boxes, scores, shape in zip(proposals, scores_all, image_shapes):
+            idx, lvl = [], []
+            for level, (s, start) in enumerate(zip(scores.split(num_anchors_per_level),
+                                                   torch.tensor([0] + num_anchors_per_level).cumsum(0).tolist())):
+                top = s.sort(descending=True)[1][: self.pre_nms_top_n()] + start
+                idx.append(top)
+                lvl.append(torch.full_like(top, level))
+            idx, lvl = torch.cat(idx), torch.cat(lvl)
+            boxes, scores = box_ops.clip_boxes_to_image(boxes[idx], shape), scores[idx]
+            keep = torch.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            offsets = lvl.to(boxes) * (boxes.max() + 1) if len(boxes) else lvl.to(boxes)
+            keep = box_ops.nms(boxes + offsets[:, None], scores, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         sampled_pos_inds, sampled_neg_inds = self.fg_bg_sampler(labels)

@@ -131,6 +131,7 @@ def seed_style(model: MaskRCNN, recipe: Recipe) -> None:
         rpn.box_coder = mm.ClampedBoxCoder(rpn.box_coder.weights)
         heads.box_coder = mm.ClampedBoxCoder(heads.box_coder.weights)
         rpn.min_size = torch.finfo(torch.float32).tiny  # keeps w, h > 0 (min_bbox_size=0), torchvision: >= 1e-3
+        rpn.select = "mmdet"  # which proposals survive exact score ties, as mmdetection's RPNHead
         heads.drop_small = False
     if recipe.init == "mmdet":
         mm.mmdet_init(model)
