@@ -139,8 +139,9 @@ def torchvision_coco_layout(sd: dict) -> tuple[int, list | None]:
 
 
 def widths(sd: dict, path: Path) -> dict:
-    """FPN and head widths read off the tensors; the model here ties the box head's fc to 4 x its convs."""
+    """Backbone, FPN and head widths read off the tensors; the model here ties the box head's fc to 4 x its convs."""
     try:
+        base = sd["backbone.body.conv1.weight"].shape[0]
         fpn = sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0]
         hc = sd["roi_heads.box_head.0.0.weight"].shape[0]
         fc = sd["roi_heads.box_head.5.weight"].shape[0]
@@ -149,7 +150,7 @@ def widths(sd: dict, path: Path) -> dict:
     if fc != 4 * hc:
         raise NotImportable(f"{path}: box head fc of {fc} channels after convs of {hc}; this model's fc is 4 x the "
                            "conv width (1024 after 256 in the seed)")
-    return dict(fpn_channels=fpn, head_channels=hc)
+    return dict(fpn_channels=fpn, head_channels=hc, backbone_width=base)
 
 
 def convert(path, base: Recipe, num_classes: int | None = None) -> Imported:
