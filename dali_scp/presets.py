@@ -108,7 +108,7 @@ class Recipe:
     # (docs/checkpoints.md "mmdetection vs torchvision"; trainer/mmdet_style.py). The defaults are torchvision's so a
     # checkpoint written before these fields existed rebuilds the model it was trained as; the seed
     # recipes set all of them to "mmdet" (_SEED_MODEL).
-    normalize: str = "torchvision"     # mmdet: (x - 255 mean) / (255 std) / (x / 255 - mean) / std: equal but for float rounding
+    normalize: str = "torchvision"     # mmdet: minus 255 x mean, over 255 x std / scaled to 0-1 first (equal but for rounding)
     roi_align: str = "torchvision"     # mmdet: aligned=True, sampling_ratio=0 / aligned=False, 2
     box_loss: str = "torchvision"      # RPN and box head - mmdet: L1 / smooth L1, beta 1/9
     matcher: str = "torchvision"       # mmdet: MaxIoUAssigner low-quality matches with min IoU 0.3 (RPN), 0.5 (box head)
