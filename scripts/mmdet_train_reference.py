@@ -218,7 +218,7 @@ def training_step(model, batch) -> dict:
     losses = model.loss(data["inputs"].to(DTYPE), data["data_samples"])  # normalised in float32, as mmdetection does
     total, log_vars = model.parse_losses(losses)  # mmengine's sum of every "loss" key
     total.backward()
-    terms = {k: float(sum(v) if isinstance(v, list) else v) for k, v in losses.items()}
+    terms = {k: float((sum(v) if isinstance(v, list) else v).detach()) for k, v in losses.items()}
     return dict(terms=terms, total=float(total), proposals=proposals, logs=logs, log_vars=dict(log_vars))
 
 
