@@ -87,7 +87,8 @@ class EvalResize:
 
 
 # The Recipe fields that choose between mmdetection's and torchvision's arithmetic.
-MODEL_FIELDS = ("roi_align", "box_loss", "matcher", "mask_targets", "anchors", "box_decode", "mask_paste", "init")
+MODEL_FIELDS = ("normalize", "roi_align", "box_loss", "matcher", "sampler", "mask_targets", "anchors", "box_decode",
+                "mask_paste", "init")
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,11 @@ class Recipe:
     # (docs/checkpoints.md "mmdetection vs torchvision"; trainer/mmdet_style.py). The defaults are torchvision's so a
     # checkpoint written before these fields existed rebuilds the model it was trained as; the seed
     # recipes set all of them to "mmdet" (_SEED_MODEL).
+    normalize: str = "torchvision"     # mmdet: minus 255 x mean, over 255 x std / scaled to 0-1 first (equal but for rounding)
     roi_align: str = "torchvision"     # mmdet: aligned=True, sampling_ratio=0 / aligned=False, 2
     box_loss: str = "torchvision"      # RPN and box head - mmdet: L1 / smooth L1, beta 1/9
     matcher: str = "torchvision"       # mmdet: MaxIoUAssigner low-quality matches with min IoU 0.3 (RPN), 0.5 (box head)
+    sampler: str = "torchvision"       # mmdet: gt joins the RoI candidates after matching, first, as its own match; RandomSampler / before matching
     mask_targets: str = "torchvision"  # mmdet: aligned RoIAlign of the gt mask, binarised / unaligned, soft
     anchors: str = "torchvision"       # mmdet: not rounded, fixed strides 4..64 / rounded, strides inferred
     box_decode: str = "torchvision"    # mmdet: dw, dh clamped both ways, no 0.01-px detection filter / upper clamp, filter
@@ -211,6 +214,18 @@ RECIPES["demo"] = Recipe(
     keep_checkpoints=2, log_every=20, weight_decay=1e-4,
 )
 
+
+# r50_ssj_scp_90k shrunk to a 2-core CPU: its model with every mmdetection choice, its pipeline, optimiser and
+# schedule shape (linear warmup from 0.067, steps at 90 / 95 / 97.5 % of the iterations), at 256^2 with
+# ResNet-50 at 1/8 of its width, FPN and heads of 32 channels, 128 RoIs per image (positive fraction still
+# 0.25), batch 2 (the learning rate scaled linearly from 0.1 at 64) and 50 iterations with a warmup of 10.
+# What a user runs to see the seed's arithmetic train end to end in a minute (tests/test_train_step.py runs it
+# on the demo set: the loss falls); it reaches no AP worth reading.
+RECIPES["r50_ssj_scp_smoke"] = replace(
+    RECIPES["r50_ssj_scp_90k"], name="r50_ssj_scp_smoke", image_size=256, backbone_width=8, fpn_channels=32,
+    head_channels=32, rois_per_image=128, total_batch=2, lr=RECIPES["r50_ssj_scp_90k"].lr * 2 / 64, max_iters=50,
+    warmup_iters=10, steps=(45, 47, 48), eval_resize=EvalResize(max_long=256, max_short=256, pad_divisor=32),
+    checkpoint_every=50, log_every=1)
 
 # LVIS v1 (Ghiasi et al. 2021, Table 7: Mask R-CNN R50-FPN at 1024^2 on LVIS v1.0, with and without
 # copy-paste). Repeat-factor sampling with t = 0.001 and, at test time, 300 detections per image above a

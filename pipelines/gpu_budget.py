@@ -126,6 +126,7 @@ def _synthetic_training(recipe_name: str, train_batch: int, device: str, image_s
     import torch
     from dali_scp.presets import recipe
     from trainer.model import build_model
+    from trainer.train_loop import total_loss
     rec = recipe(recipe_name)
     if image_size:
         rec = dataclasses.replace(rec, image_size=image_size)
@@ -151,7 +152,7 @@ def _synthetic_training(recipe_name: str, train_batch: int, device: str, image_s
         with torch.autocast(device_type="cuda" if amp else "cpu", enabled=amp):
             losses = model(images, targets)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(sum(losses.values())).backward()
+        scaler.scale(total_loss(losses)).backward()
         scaler.step(opt)
         scaler.update()
     return step

@@ -136,7 +136,10 @@ def _missing(name):
     return f
 
 
-def build_mmdet_model():
+def build_mmdet_model(backbone_width: int | None = None, pad_size: int | None = None, num_classes: int = NUM_CLASSES):
+    """The seed config's model, narrowed (``NARROW``; BN for SyncBN). ``backbone_width``: ResNet-50's
+    ``base_channels`` (64 in the seed; ``scripts/mmdet_train_reference.py`` narrows it to keep every
+    gradient storable); ``pad_size``: the side of the config's ``BatchFixedSizePad`` (1024 in the seed)."""
     _stand_in_kernels()
     import mmdet
     from mmengine.config import Config
@@ -152,8 +155,14 @@ def build_mmdet_model():
     m.rpn_head.in_channels = m.rpn_head.feat_channels = c
     m.roi_head.bbox_roi_extractor.out_channels = m.roi_head.mask_roi_extractor.out_channels = c
     m.roi_head.bbox_head.update(in_channels=c, conv_out_channels=hc, fc_out_channels=NARROW["fc_channels"],
-                                num_classes=NUM_CLASSES)
-    m.roi_head.mask_head.update(in_channels=c, conv_out_channels=hc, num_classes=NUM_CLASSES)
+                                num_classes=num_classes)
+    m.roi_head.mask_head.update(in_channels=c, conv_out_channels=hc, num_classes=num_classes)
+    if backbone_width is not None:
+        m.backbone.base_channels = backbone_width
+        m.neck.in_channels = [backbone_width * 4 * 2 ** i for i in range(4)]
+    if pad_size is not None:
+        for aug in m.data_preprocessor.batch_augments:
+            aug.size = (pad_size, pad_size)
     model = MODELS.build(m)
     model.eval()
     return cfg, model

@@ -57,6 +57,7 @@ def _weights(run_dir):
 def test_one_step_finite_losses_and_weights_change(syn_train):
     from pipelines.iterator import CocoLoader
     from trainer.model import build_model, to_model_inputs
+    from trainer.train_loop import total_loss
     torch.manual_seed(0)
     r = recipe("demo")
     model = build_model(r, syn_train.num_classes)
@@ -64,10 +65,11 @@ def test_one_step_finite_losses_and_weights_change(syn_train):
     images, targets = next(iter(CocoLoader("ssj_scp", syn_train, batch_size=2, out_size=r.image_size)))
     imgs, tg = to_model_inputs(images, targets)
     losses = model(imgs, tg)
-    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg", "acc"}
     assert all(torch.isfinite(v) for v in losses.values())
+    assert 0 <= float(losses["acc"]) <= 100 and not losses["acc"].requires_grad  # logged, not summed
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     opt.step()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("backbone.body.conv1" in k for k in changed) and any("mask_head" in k for k in changed)

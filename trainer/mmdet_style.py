@@ -25,9 +25,10 @@ WH_CLIP = math.log(1000.0 / 16)
 
 class FixedStrideAnchors(AnchorGenerator):
     """mmdetection's ``AnchorGenerator`` (scales=[8], ratios=[0.5, 1, 2], strides 4..64, center_offset 0):
-    base anchors are not rounded to integers, and the stride of each level is fixed rather than inferred as
+    base anchors are not rounded to integers, the stride of each level is fixed rather than inferred as
     image size // feature size (torchvision's inference gives 61 instead of 64 on an 800-px-high input,
-    whose P6 is 13 cells high). Same order of anchors: per location, ratio-major."""
+    whose P6 is 13 cells high), and they are float32 in any dtype. Same order of anchors: per location,
+    ratio-major."""
 
     def __init__(self, sizes: tuple, aspect_ratios: tuple, strides: tuple):
         super().__init__(sizes, aspect_ratios)
@@ -44,7 +45,10 @@ class FixedStrideAnchors(AnchorGenerator):
 
     def forward(self, image_list, feature_maps):
         grid_sizes = [f.shape[-2:] for f in feature_maps]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        # float32 whatever the features' dtype, as mmdetection's ``grid_priors``: under AMP torchvision's
+        # anchors would be float16 (coordinates rounded to 0.5 px beyond 512), and which anchors tie for a
+        # gt's best IoU (every one of them is matched) would follow the dtype
+        dtype, device = torch.float32, feature_maps[0].device
         strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
         self.set_cell_anchors(dtype, device)
         per_level = self.grid_anchors(grid_sizes, strides)
@@ -53,10 +57,11 @@ class FixedStrideAnchors(AnchorGenerator):
 
 class ClampedBoxCoder(det_utils.BoxCoder):
     """mmdetection's ``DeltaXYWHBBoxCoder.decode`` (``delta2bbox``): dw, dh clamped on both sides to
-    +-log(1000/16) (torchvision clamps only from above), arithmetic in mmdetection's order."""
+    +-log(1000/16) (torchvision clamps only from above), arithmetic in mmdetection's order and dtypes: the
+    boxes' centres and sizes in their own dtype (float32 anchors), not cast to the deltas' first (float16
+    under AMP, where torchvision's decode rounds the anchors)."""
 
     def decode_single(self, rel_codes, boxes):
-        boxes = boxes.to(rel_codes.dtype)
         stds = rel_codes.new_tensor([1.0 / w for w in self.weights])
         d = rel_codes.reshape(rel_codes.shape[0], -1, 4) * stds
         pxy = ((boxes[:, :2] + boxes[:, 2:]) * 0.5)[:, None]
@@ -171,6 +176,34 @@ class SeedRPN(RegionProposalNetwork):
         return objectness_loss, box_loss
 
 
+class RandomSampler(det_utils.BalancedPositiveNegativeSampler):
+    """mmdetection's ``RandomSampler`` (``neg_pos_ub=-1``) behind torchvision's interface (per image, labels
+    > 0 positive, 0 negative, -1 ignored -> masks of the sampled): up to ``int(num * pos_fraction)``
+    positives, then negatives up to ``num`` in all - torchvision's counts too. The draws are mmdetection's:
+    ``random_choice`` (a ``randperm``) only where there are more candidates than wanted, and it is the one
+    place a draw happens (tests/test_train_step.py makes it take mmdetection's recorded order)."""
+
+    def __call__(self, matched_idxs):
+        pos_masks, neg_masks = [], []
+        for image, labels in enumerate(matched_idxs):
+            pos, neg = torch.where(labels >= 1)[0], torch.where(labels == 0)[0]
+            num_pos = int(self.batch_size_per_image * self.positive_fraction)
+            if pos.numel() > num_pos:
+                pos = self.random_choice(pos, num_pos, image)
+            num_neg = self.batch_size_per_image - pos.numel()
+            if neg.numel() > num_neg:
+                neg = self.random_choice(neg, num_neg, image)
+            for inds, out in ((pos, pos_masks), (neg, neg_masks)):
+                m = torch.zeros_like(labels, dtype=torch.uint8)
+                m[inds] = 1
+                out.append(m)
+        return pos_masks, neg_masks
+
+    def random_choice(self, gallery, num: int, image: int):
+        """``num`` of ``gallery`` uniformly at random (``image``: its index in the batch)."""
+        return gallery[torch.randperm(gallery.numel(), device=gallery.device)[:num]]
+
+
 def aligned_mask_targets(gt_masks, boxes, matched_idxs, m: int):
     """mmdetection's ``BitmapMasks.crop_and_resize``: RoIAlign(aligned=True, sampling_ratio=0) of the gt
     mask over the proposal, binarised at 0.5 (torchvision: unaligned, soft targets)."""
@@ -185,7 +218,38 @@ class SeedRoIHeads(RoIHeads):
 
     box_loss = "torchvision"
     mask_targets = "torchvision"
+    sampler = "torchvision"
     drop_small = True
+
+    def select_training_samples(self, proposals, targets):
+        """mmdetection's ``StandardRoIHead``: proposals are matched to the gt first; then the gt boxes join
+        them, ahead, each matched to itself (``add_gt_as_proposals``), and the sampled come positives
+        first. torchvision appends the gt before matching, so a gt box takes part in the low-quality rule
+        (every gt's best IoU is 1, with itself) and a proposal that is some gt's best match keeps its
+        own best gt instead."""
+        if self.sampler != "mmdet":
+            return super().select_training_samples(proposals, targets)
+        self.check_targets(targets)
+        cands, matched, labels = [], [], []
+        for props, t in zip(proposals, targets):
+            gt_boxes, gt_labels = t["boxes"].to(props.dtype), t["labels"]
+            m = self.proposal_matcher(box_ops.box_iou(gt_boxes, props)) if len(gt_boxes) else \
+                torch.full((len(props),), self.proposal_matcher.BELOW_LOW_THRESHOLD, device=props.device)
+            m = torch.cat([torch.arange(len(gt_boxes), device=m.device), m])
+            lab = gt_labels[m.clamp(min=0)] if len(gt_boxes) else torch.zeros_like(m)
+            lab[m == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0
+            lab[m == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1
+            cands.append(torch.cat([gt_boxes, props]))
+            matched.append(m.clamp(min=0))
+            labels.append(lab)
+        pos, neg = self.fg_bg_sampler(labels)
+        keep = [torch.cat([torch.where(p)[0], torch.where(n)[0]]) for p, n in zip(pos, neg)]
+        proposals = [c[k] for c, k in zip(cands, keep)]
+        matched = [m[k] for m, k in zip(matched, keep)]
+        labels = [lab[k] for lab, k in zip(labels, keep)]
+        gts = [t["boxes"].to(p.dtype) if len(t["boxes"]) else p.new_zeros((1, 4)) for t, p in zip(targets, proposals)]
+        regression_targets = self.box_coder.encode([g[m] for g, m in zip(gts, matched)], proposals)
+        return proposals, matched, labels, regression_targets
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         if self.drop_small:
@@ -215,6 +279,7 @@ class SeedRoIHeads(RoIHeads):
         if self.training:
             losses = dict(zip(("loss_classifier", "loss_box_reg"),
                               self.box_losses(class_logits, box_regression, labels, regression_targets)))
+            losses["acc"] = accuracy(class_logits.detach(), torch.cat(labels))
             pos = [torch.where(lab > 0)[0] for lab in labels]
             mask_proposals = [p[i] for p, i in zip(proposals, pos)]
             pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
@@ -247,6 +312,12 @@ class SeedRoIHeads(RoIHeads):
         if mask_targets.numel() == 0:
             return mask_logits.sum() * 0
         return F.binary_cross_entropy_with_logits(mask_logits[torch.arange(labels.shape[0]), labels], mask_targets)
+
+
+def accuracy(class_logits, labels):
+    """mmdetection's ``acc``: the share of sampled RoIs (background included) whose top class is their
+    label, in percent. A metric, not a loss: the step sums only the terms named ``loss*``."""
+    return (class_logits.argmax(dim=1) == labels).sum() * (100.0 / max(labels.numel(), 1))
 
 
 def paste_masks(masks, boxes, img_h: int, img_w: int):

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models import resnet18, resnet50
-from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -29,14 +28,16 @@ from trainer import mmdet_style as mm
 log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MMDET_MEAN = (123.675, 116.28, 103.53)  # the same on the 0-255 scale, as mmdetection's configs state them
+MMDET_STD = (58.395, 57.12, 57.375)
 
 
 class PipelineTransform(GeneralizedRCNNTransform):
     """Normalise and batch, never resize (the input pipeline owns geometry)."""
 
-    def __init__(self, *args, mask_paste: str = "torchvision", **kwargs):
+    def __init__(self, *args, mask_paste: str = "torchvision", normalize: str = "torchvision", **kwargs):
         super().__init__(*args, **kwargs)
-        self.mask_paste = mask_paste
+        self.mask_paste, self.pixel_arith = mask_paste, normalize
 
     def resize(self, image, target=None):
         return image, target
@@ -51,27 +52,27 @@ class PipelineTransform(GeneralizedRCNNTransform):
         return result
 
     def normalize(self, image):
+        if image.dtype == torch.uint8 and self.pixel_arith == "mmdet":  # DetDataPreprocessor's float32 arithmetic
+            mean = torch.tensor(MMDET_MEAN, device=image.device)[:, None, None]
+            std = torch.tensor(MMDET_STD, device=image.device)[:, None, None]
+            return (image.float() - mean) / std
         if image.dtype == torch.uint8:
             image = image.float().div_(255.0)
         return super().normalize(image)
 
 
-def resnet18_half(weights=None, norm_layer=nn.BatchNorm2d):
-    """ResNet-18 at half width (32-64-128-256 channels): a quarter of its convolution work. The ``demo``
-    recipe's backbone, trained from scratch in minutes on a 2-core CPU; no pretrained weights exist."""
-    if weights is not None:
-        raise ValueError("resnet18_half has no pretrained weights")
-    return narrowed(resnet18(weights=None, norm_layer=norm_layer), BasicBlock, [2, 2, 2, 2], 32, norm_layer)
-
-
-def narrowed(trunk, block, layers: list, w: int, norm_layer):
-    """``trunk`` rebuilt with a stem of ``w`` channels and stages of w, 2w, 4w, 8w (x the block's
-    expansion): mmdetection's ResNet ``base_channels``. Keys and depth are the trunk's."""
-    trunk.inplanes = w
-    trunk.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
-    trunk.bn1 = norm_layer(w)
+def narrow(trunk, width: int, norm_layer=nn.BatchNorm2d):
+    """``trunk`` rebuilt with its first stage ``width`` channels wide (stages ``width`` x 1, 2, 4, 8, as
+    mmdetection's ResNet ``base_channels``), the same blocks, strides and norms, torchvision's
+    initialisation. What lets a CPU run the recipes' ResNet-50 (``Recipe.backbone_width``) and the demo
+    its half-width ResNet-18."""
+    block = type(trunk.layer1[0])
+    trunk.inplanes = width
+    trunk.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    trunk.bn1 = norm_layer(width)
     for k in range(1, 5):
-        setattr(trunk, f"layer{k}", trunk._make_layer(block, w * 2 ** (k - 1), layers[k - 1], stride=1 if k == 1 else 2))
+        n = len(getattr(trunk, f"layer{k}"))
+        setattr(trunk, f"layer{k}", trunk._make_layer(block, width * 2 ** (k - 1), n, stride=1 if k == 1 else 2))
     for m in trunk.modules():  # torchvision ResNet's own initialisation
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -81,14 +82,22 @@ def narrowed(trunk, block, layers: list, w: int, norm_layer):
     return trunk
 
 
+def resnet18_half(weights=None, norm_layer=nn.BatchNorm2d):
+    """ResNet-18 at half width (32-64-128-256 channels): a quarter of its convolution work. The ``demo``
+    recipe's backbone, trained from scratch in minutes on a 2-core CPU; no pretrained weights exist."""
+    if weights is not None:
+        raise ValueError("resnet18_half has no pretrained weights")
+    return narrow(resnet18(weights=None, norm_layer=norm_layer), 32, norm_layer)
+
+
 BACKBONES = {"resnet50": resnet50, "resnet18": resnet18, "resnet18_half": resnet18_half}
 
 
 def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None = None) -> MaskRCNN:
     norm = nn.BatchNorm2d
     trunk = BACKBONES[recipe.backbone](weights=None, norm_layer=norm)
-    if recipe.backbone == "resnet50" and recipe.backbone_width != 64:
-        trunk = narrowed(trunk, Bottleneck, [3, 4, 6, 3], recipe.backbone_width, norm)
+    if recipe.backbone_width != 64:
+        trunk = narrow(trunk, recipe.backbone_width, norm)
     if backbone_weights:
         load_backbone_weights(trunk, backbone_weights)
     backbone = fpn_backbone(trunk, recipe.trainable_layers, recipe.fpn_channels, norm)
@@ -110,7 +119,8 @@ def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None =
         min_size=recipe.image_size, max_size=recipe.image_size)
     seed_style(model, recipe)
     model.transform = PipelineTransform(recipe.image_size, recipe.image_size, IMAGENET_MEAN, IMAGENET_STD,
-                                        size_divisible=32, mask_paste=recipe.mask_paste)
+                                        size_divisible=32, mask_paste=recipe.mask_paste,
+                                        normalize=recipe.normalize)
     return model
 
 
@@ -124,6 +134,11 @@ def seed_style(model: MaskRCNN, recipe: Recipe) -> None:
     rpn.__class__, heads.__class__ = mm.SeedRPN, mm.SeedRoIHeads
     rpn.box_loss = heads.box_loss = recipe.box_loss
     heads.mask_targets = recipe.mask_targets
+    heads.sampler = recipe.sampler
+    if recipe.sampler == "mmdet":  # mask-rcnn_r50_fpn.py train_cfg: RandomSampler 256 / 0.5 (RPN), 512 / 0.25 (box head)
+        for stage in (rpn, heads):
+            s = stage.fg_bg_sampler
+            stage.fg_bg_sampler = mm.RandomSampler(s.batch_size_per_image, s.positive_fraction)
     if recipe.matcher == "mmdet":  # mask-rcnn_r50_fpn.py train_cfg: rpn / rcnn MaxIoUAssigner
         rpn.proposal_matcher = mm.MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
         heads.proposal_matcher = mm.MaxIoUMatcher(0.5, 0.5, min_pos_iou=0.5)

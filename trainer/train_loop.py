@@ -11,6 +11,12 @@ import time
 from typing import Callable, Iterator
 
 
+def total_loss(losses: dict):
+    """The sum of the terms named ``loss*`` (others, like ``acc``, are logged only), as mmengine's
+    ``parse_losses``."""
+    return sum(v for k, v in losses.items() if "loss" in k)
+
+
 class HookBase:
     """Override the moments you need; ``self.trainer`` is set when the hook is registered.
 
@@ -72,7 +78,7 @@ class Trainer:
         self.images, self.targets = next(self.data)
         t1 = time.perf_counter()
         self.losses = self.losses_of(self.images, self.targets)
-        self.loss = sum(self.losses.values())
+        self.loss = total_loss(self.losses)
         for h in self.hooks:
             h.after_forward()
         self.optimizer.zero_grad(set_to_none=True)
