@@ -224,7 +224,7 @@ RECIPES["demo"] = Recipe(
 RECIPES["r50_ssj_scp_smoke"] = replace(
     RECIPES["r50_ssj_scp_90k"], name="r50_ssj_scp_smoke", image_size=256, backbone_width=8, fpn_channels=32,
     head_channels=32, rois_per_image=128, total_batch=2, lr=RECIPES["r50_ssj_scp_90k"].lr * 2 / 64, max_iters=50,
-    warmup_iters=10, steps=(45, 47, 48), eval_resize=EvalResize(max_long=256, max_short=256, pad_divisor=32),
+    warmup_iters=10, steps=(45, 47, 48), eval_resize=replace(RECIPES["r50_ssj_scp_90k"].eval_resize, max_long=256, max_short=256),
     checkpoint_every=50, log_every=1)
 
 # LVIS v1 (Ghiasi et al. 2021, Table 7: Mask R-CNN R50-FPN at 1024^2 on LVIS v1.0, with and without
