@@ -197,10 +197,10 @@ for _pipe in ("ssj", "ssj_scp", "lsj", "lsj_scp"):
         _name = f"r50_{_pipe}_{_tag}"
         RECIPES[_name] = Recipe(name=_name, pipeline=_pipe, **_sched, **_SEED_MODEL)
 
-# The README's first command: trained from scratch on a 2-core CPU in about 7 minutes on the demo set
+# The README's first command: trained from scratch on a 2-core CPU in about 6 minutes on the demo set
 # (`python -m dali_scp.synthetic --demo`: few medium-to-large objects of four shapes), where it ends near
-# a plateau (seed 0: mask AP 47 after 400 iterations, 50 after 500, 55 after 600; three seeds in the
-# README). On the COCO-like benchmark set the same 600 iterations stop on the steep part of the curve
+# a plateau (seed 0 on 2026-12-05: mask AP 42 after 400 iterations, 54 after 500, 57 after 600; three seeds
+# in the README). On the COCO-like benchmark set the same 600 iterations stop on the steep part of the curve
 # (mask AP 18-25, moving with library versions). Half-width ResNet-18, 32-channel heads, 64 RoIs per
 # image: ~2x cheaper per iteration than the first demo recipe; anchors of 16-256 px for 256^2 images. It
 # keeps torchvision's arithmetic in every MODEL_FIELDS choice: its AP was measured with them, and
