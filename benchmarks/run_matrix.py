@@ -90,7 +90,20 @@ def write_markdown(all_runs, path: Path, budget: dict | None = None):
                   "[gpu_h100/RESULTS.md](gpu_h100/RESULTS.md).", ""]
     if budget:
         lines += budget_lines(budget)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines + kept_tail(path)))
+
+
+# Sections measured by other scripts or by hand (the COCO-sized runs take hours), written after this
+# script's tables between these markers; a rewrite keeps them.
+KEPT_BEGIN, KEPT_END = "<!-- kept: begin (not written by run_matrix.py) -->", "<!-- kept: end -->"
+
+
+def kept_tail(path: Path) -> list:
+    """The marked sections at the end of RESULTS.md, as they are: run_matrix.py owns only its own tables."""
+    text = path.read_text() if path.is_file() else ""
+    if KEPT_BEGIN not in text or KEPT_END not in text:
+        return []
+    return ["", KEPT_BEGIN + text.split(KEPT_BEGIN, 1)[1].split(KEPT_END, 1)[0] + KEPT_END, ""]
 
 
 def kept_anchors_section(path: Path) -> list:
@@ -158,7 +171,7 @@ def _stand_in_only(out: Path) -> int:
     (out / "gpu_budget.json").write_text(json.dumps(budget, indent=1))
     md = out / "RESULTS.md"
     head = md.read_text().split(budget_lines({})[0])[0] if md.is_file() else ""
-    md.write_text(head + "\n".join(budget_lines(budget)))
+    md.write_text(head + "\n".join(budget_lines(budget) + kept_tail(md)))
     print(f"wrote {out / 'gpu_budget.json'} and the stand-in section of {md}")
     return 0
 

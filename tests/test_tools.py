@@ -88,3 +88,30 @@ def test_baseline_outputs_pass_the_same_geometric_checks(syn_train, syn_ann):
             assert iou(m[win], truth[win]) >= 0.9
             checked += 1
     assert checked > 3
+
+
+def test_benchmark_matrix_rewrite_keeps_sections_it_did_not_measure(tmp_path, monkeypatch):
+    """RESULTS.md holds the anchors run and the COCO-sized figures (hours to remake): a matrix rewrite,
+    full or stand-in only, must keep both word for word and replace its own tables."""
+    bench = __import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench / "anchors"))
+    monkeypatch.syspath_prepend(str(bench))
+    import run_matrix
+    from run import BEGIN, END
+    anchors = f"{BEGIN}\n## Beside mmdetection\n| ours | 115.1 |\n{END}"
+    kept = f"{run_matrix.KEPT_BEGIN}\n## At COCO 2017's size\n| cold check | 124.5 s |\n{run_matrix.KEPT_END}"
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# Benchmark results\n\n{anchors}\n\n## old table\n\n{kept}\n")
+    budget = {"8×30": {"masks": {"host_syncs": 2, "kernels": 20, "h2d": 7, "peak_bytes": 3 << 20}}}
+    run = {"machine": {"cpu_model": "cpu", "cpu_count": 2}, "dataset": "d", "command": "c",
+           "results": [{"pipeline": "ssj", "device": "cpu", "batch_size": 8, "images_per_s": 100.0,
+                        "ms_median": 80.0, "ms_p90": 90.0, "cpu_cores_busy": 1.5}]}
+    run_matrix.write_markdown([run], md, budget)
+    text = md.read_text()
+    assert anchors in text and kept in text and "## old table" not in text
+    assert "| ssj | cpu | 8 | 100.0 |" in text and "| 8×30 | masks | 2 | 20 | 7 | 3.0 MiB |" in text
+    monkeypatch.setattr(run_matrix, "_budget", lambda: {"8×30": {"masks": dict(budget["8×30"]["masks"], kernels=21)}})
+    run_matrix._stand_in_only(tmp_path)
+    text = md.read_text()
+    assert anchors in text and kept in text and "| ssj | cpu | 8 | 100.0 |" in text
+    assert "| 8×30 | masks | 2 | 21 | 7 | 3.0 MiB |" in text and "| 2 | 20 |" not in text
