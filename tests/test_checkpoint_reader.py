@@ -7,7 +7,6 @@ and publish_model, mmcv 1.7's runner, torchvision), with ``reference.json``: wha
 writing side's own ``torch.load(weights_only=False)`` read them.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -24,6 +23,7 @@ import torch
 
 import pickle_gadgets
 from checkpoint_files import P2, G, S, legacy_file, legacy_storage, pid, tensor, tensor_pickle, zip_file
+from reference_files import reference_script
 from trainer import checkpoint as ckpt
 from trainer import checkpoint_reader as cr
 from trainer import import_weights
@@ -34,14 +34,7 @@ REF = json.loads((DATA / "reference.json").read_text())
 CLASSES = ["disc", "square", "triangle"]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("mmdet_checkpoints", ROOT / "scripts" / "mmdet_checkpoints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-SCRIPT = _script()
+SCRIPT = reference_script("mmdet_checkpoints")
 
 
 def _one_plain_line(msg: str) -> str:

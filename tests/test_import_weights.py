@@ -7,7 +7,6 @@ saved by mmengine, and its outputs on two already-resized images. Here the same 
 for bit (its digest is mmdetection's), imported with ``trainer.import_weights``, loaded as
 ``trainer.evaluate`` loads checkpoints, and run through ``trainer.model.inference``.
 """
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from reference_files import reference_script
 from dali_scp.presets import MODEL_FIELDS, recipe
 from trainer import import_weights
 from trainer import mmdet_style as mm
@@ -34,10 +34,7 @@ MASK_PIXELS = 5e-4         # fraction of pasted mask pixels on the other side of
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("mmdet_reference", ROOT / "scripts" / "mmdet_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return reference_script("mmdet_reference")
 
 
 @pytest.fixture(scope="module")

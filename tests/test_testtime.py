@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference_files import reference_script
 from dali_scp.dataset import resolve
 from dali_scp.presets import EvalResize, recipe
 from trainer import evaluate as ev
@@ -129,12 +130,7 @@ def test_opencv_resize_is_mmdetections_resize(split):
     assert shrunk.max() > 20 and shrunk.mean() > 1.0
 
 
-def script(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+script = reference_script
 
 
 @pytest.fixture(scope="module")

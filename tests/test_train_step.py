@@ -10,7 +10,6 @@ narrowed the same way, runs forward and backward on the same batch. The random s
 by one device (``RecordedOrder``): both sides' samplers take, among the candidates they would draw from, those of
 lowest rank in the reference's ``sample_keys``; nothing else on either side is changed.
 """
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
+from reference_files import reference_script
 from dali_scp.presets import recipe
 from trainer import import_weights
 from trainer import mmdet_style as mm
@@ -43,14 +43,7 @@ TERMS = dict(loss_rpn_cls="loss_objectness", loss_rpn_bbox="loss_rpn_box_reg", l
 STEP_FIELDS = ("normalize", "box_loss", "matcher", "mask_targets", "anchors", "roi_align", "box_decode")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("mmdet_train_reference", ROOT / "scripts" / "mmdet_train_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-script = _load_script()
+script = reference_script("mmdet_train_reference")
 
 
 @pytest.fixture(scope="module")
