@@ -15,12 +15,14 @@ import logging
 import random
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from dali_scp.files import atomic_write
-from trainer.checkpoint_reader import CheckpointError, inert_summary, read
+from dali_scp.presets import Recipe
+from trainer.checkpoint_reader import CheckpointError, inert_summary, printable, read
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^ckpt_(\d{8})\.pth$")
@@ -69,6 +71,34 @@ def load(path: Path) -> dict:
     return got.obj
 
 
+MAX_CLASSES = 100_000  # with background; LVIS has 1204
+
+
+class Trained(NamedTuple):
+    state: dict       # the whole checkpoint
+    recipe: Recipe
+    num_classes: int  # background included
+    model: dict       # its model's tensors, by name
+
+
+def load_trained(path: Path, num_classes: int | None = None) -> Trained:
+    """A checkpoint with a model this project trained or imported (``trainer.evaluate``, ``export_weights``):
+    its recipe read and its class count range-checked, as each becomes a model's size further on."""
+    state = load(Path(path))
+    if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
+        raise CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe'); convert "
+                              "an mmdetection or torchvision checkpoint with python -m trainer.import_weights")
+    try:
+        recipe = Recipe.from_dict(state["recipe"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: its recipe is not one this version reads ({printable(e, 200)})") from None
+    n, tensors = state.get("num_classes", num_classes), state["model"]
+    if type(n) is not int or not 2 <= n <= MAX_CLASSES or not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: its class count {printable(n)} is not an integer in [2, {MAX_CLASSES}] "
+                              "(background included), or its model is not a dict of tensors")
+    return Trained(state, recipe, n, tensors)
+
+
 def rng_state() -> dict:
     """This process's random generators (torch, CUDA, NumPy, Python), for an exact resume, as data
     ``weights_only`` loads: NumPy's MT19937 state as a tensor of its key and plain numbers."""
@@ -98,16 +128,16 @@ def check_optimizer_state(state: dict, params: list, path) -> None:
     """Before ``optimizer.load_state_dict`` (which converts every state tensor to its parameter's dtype and
     walks any container it finds): each parameter's state is a flat dict of numbers and tensors no larger
     than the parameter, so a crafted file cannot make that conversion allocate more than the model."""
-    ok = isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)
+    refused = CheckpointError(f"{path}: its optimizer state is not one this trainer writes (per parameter: "
+                              "numbers and tensors no larger than the parameter)")
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        raise refused
     ids = [i for g in state["param_groups"] if isinstance(g, dict) and isinstance(g.get("params"), list)
-           for i in g["params"]] if ok else []
+           for i in g["params"]]
     sizes = dict(zip(ids, (p.numel() for p in params)))
-    for i, entry in state["state"].items() if ok else ():
+    for i, entry in state["state"].items():
         if not isinstance(entry, dict) or not all(
                 v is None or type(v) in (int, float, bool) or torch.is_tensor(v) and v.numel() <= sizes.get(i, 1)
                 for v in entry.values()):
-            ok = False
-            break
-    if not ok:
-        raise CheckpointError(f"{path}: its optimizer state is not one this trainer writes (per parameter: "
-                              "numbers and tensors no larger than the parameter)")
+            raise refused

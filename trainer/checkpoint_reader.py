@@ -1045,3 +1045,13 @@ def read(path) -> Read:
 
 def inert_summary(inert: Counter, n: int = 3) -> str:
     return ", ".join(printable(k, 80) for k, _ in inert.most_common(n)) + (f" and {len(inert) - n} more" if len(inert) > n else "")
+
+
+def state_dict_of(obj) -> dict | None:
+    """The tensors of a model's state dict as checkpoints of any origin hold them: ``obj['state_dict']``
+    (mmdetection, mmcv, many ImageNet files) or ``obj`` itself (torchvision), ``module.`` (DDP) stripped;
+    None when ``obj`` is not a dict."""
+    if not isinstance(obj, dict):
+        return None
+    sd = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+    return {k.removeprefix("module."): v for k, v in sd.items() if type(k) is str and torch.is_tensor(v)}

@@ -414,26 +414,11 @@ def merge_rank_results(per_rank: list):
 
 
 # ---------------------------------------------------------------- CLI
-MAX_CLASSES = 100_000  # with background; LVIS has 1204
-
-
 def load_model_from_checkpoint(path: str, num_classes: int | None = None):
-    from dali_scp.presets import Recipe
     from trainer import checkpoint as ckpt
     from trainer.checkpoint_reader import printable
     from trainer.model import build_model
-    state = ckpt.load(Path(path))
-    if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise ckpt.CheckpointError(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe'); convert "
-                                   "an mmdetection or torchvision checkpoint with python -m trainer.import_weights")
-    try:
-        recipe = Recipe.from_dict(state["recipe"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: its recipe is not one this version reads ({printable(e, 200)})") from None
-    n, tensors = state.get("num_classes", num_classes), state["model"]
-    if type(n) is not int or not 2 <= n <= MAX_CLASSES or not isinstance(tensors, dict):
-        raise ckpt.CheckpointError(f"{path}: its class count {printable(n)} is not an integer in [2, {MAX_CLASSES}] "
-                                   "(background included), or its model is not a dict of tensors")
+    state, recipe, n, tensors = ckpt.load_trained(Path(path), num_classes)
     # the numbers above come from the file: the model is built for real only once a skeleton on the meta device
     # (no memory) has exactly the file's tensor shapes, so a crafted recipe or class count cannot make it huge
     what = f"the model built from its recipe ({printable(recipe.name)}, {printable(recipe.backbone)}, {n} classes)"

@@ -82,12 +82,11 @@ def to_mmdet(model: dict, path) -> OrderedDict:
     return out
 
 
-def class_names(state: dict, path, classes_from: str | None) -> list:
-    n = state["num_classes"] - 1
+def class_names(state: dict, n: int, path, classes_from: str | None) -> list:
+    """The names of the model's ``n`` foreground classes, in the label order training used."""
     if classes_from:
-        doc = json.loads(Path(classes_from).read_text())
-        names = [c["name"] for c in sorted(doc.get("categories", []), key=lambda c: c["id"])]
-        where = classes_from
+        from dali_scp.image_index import image_index
+        names, where = image_index(classes_from).cat_names.tolist(), classes_from
     else:
         names, where = state.get("class_names"), "the checkpoint"
         if not names:
@@ -99,16 +98,13 @@ def class_names(state: dict, path, classes_from: str | None) -> list:
 
 
 def export(path, classes_from: str | None = None) -> dict:
-    state = ckpt.load(Path(path))
-    if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise NotExportable(f"{path}: not a dali-scp checkpoint (expected keys 'model' and 'recipe')")
-    r = Recipe.from_dict(state["recipe"])
+    state, r, n, tensors = ckpt.load_trained(Path(path))
     check_model(path, r)
-    names = class_names(state, path, classes_from)
+    names = class_names(state, n - 1, path, classes_from)
     meta = dict(dataset_meta=dict(classes=tuple(names)),
                 exported_from=dict(path=str(path), recipe=r.name, iteration=int(state.get("iteration", 0)),
                                    tool="dali-scp trainer.export_weights"))
-    return dict(meta=meta, state_dict=to_mmdet(state["model"], path))
+    return dict(meta=meta, state_dict=to_mmdet(tensors, path))
 
 
 def main(argv=None) -> int:

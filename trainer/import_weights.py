@@ -81,8 +81,8 @@ def read_source(path: Path):
         raise NotImportable(f"{path}: expected a dict of tensors or {{'meta', 'state_dict'}}, got {type(obj).__name__}")
     if "model" in obj and "recipe" in obj:
         raise NotImportable(f"{path}: already a dali-scp checkpoint; pass it to trainer.evaluate or --init-from directly")
-    sd, meta = (obj["state_dict"], obj.get("meta") or {}) if isinstance(obj.get("state_dict"), dict) else (obj, {})
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if type(k) is str and torch.is_tensor(v)}
+    sd = checkpoint_reader.state_dict_of(obj)
+    meta = (obj.get("meta") or {}) if isinstance(obj.get("state_dict"), dict) else {}
     if any(k.startswith("backbone.body.") for k in sd):
         return "torchvision", sd, meta
     if any(k.startswith("backbone.conv1.") or k.startswith("backbone.layer1.") for k in sd):

@@ -7,6 +7,7 @@ follows; ``tests/test_import_weights.py`` checks the whole model against mmdetec
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -144,12 +145,12 @@ class SeedRPN(RegionProposalNetwork):
         if self.select != "mmdet":
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
         scores_all = objectness.detach().reshape(proposals.shape[0], -1).sigmoid()
+        starts, k = list(itertools.accumulate([0] + num_anchors_per_level[:-1])), self.pre_nms_top_n()
         final_boxes, final_scores = [], []
         for boxes, scores, shape in zip(proposals, scores_all, image_shapes):
             idx, lvl = [], []
-            for level, (s, start) in enumerate(zip(scores.split(num_anchors_per_level),
-                                                   torch.tensor([0] + num_anchors_per_level).cumsum(0).tolist())):
-                top = s.sort(descending=True)[1][: self.pre_nms_top_n()] + start
+            for level, (s, start) in enumerate(zip(scores.split(num_anchors_per_level), starts)):
+                top = s.sort(descending=True)[1][:k] + start
                 idx.append(top)
                 lvl.append(torch.full_like(top, level))
             idx, lvl = torch.cat(idx), torch.cat(lvl)

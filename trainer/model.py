@@ -186,13 +186,12 @@ def load_backbone_weights(trunk: nn.Module, path: str) -> None:
     if not p.is_file():
         raise FileNotFoundError(f"--backbone-weights {path}: file not found (weights are never downloaded; "
                                 "pass a local torchvision ResNet checkpoint)")
-    from trainer.checkpoint_reader import read
-    sd = read(p).obj
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    if not isinstance(sd, dict):
-        raise ValueError(f"--backbone-weights {path}: not a state dict (a {type(sd).__name__})")
-    sd = {k.removeprefix("module.").removeprefix("backbone.body."): v for k, v in sd.items()
-          if type(k) is str and torch.is_tensor(v)}
+    from trainer.checkpoint_reader import read, state_dict_of
+    obj = read(p).obj
+    sd = state_dict_of(obj)
+    if sd is None:
+        raise ValueError(f"--backbone-weights {path}: not a state dict (a {type(obj).__name__})")
+    sd = {k.removeprefix("backbone.body."): v for k, v in sd.items()}
     missing, unexpected = trunk.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing:
