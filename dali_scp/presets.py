@@ -70,6 +70,10 @@ def pipeline_preset(name: str, out_size: int | None = None) -> PipelinePreset:
 # DALI's float rounding (docs/checkpoints.md).
 RESIZE_METHODS = ("antialias", "opencv")
 
+# Who resamples the training jitter's pixels (``pipelines.blocks.resample_window``): DALI's fn.resize (the
+# GPU pipelines) or torch's antialiased uint8 kernels (the CPU pipelines' default, ``dali_scp.resample``).
+RESAMPLERS = ("dali", "torch")
+
 
 @dataclass(frozen=True)
 class EvalResize:

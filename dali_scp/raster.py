@@ -12,8 +12,9 @@ Scanline algorithm, fully vectorised over every polygon of the batch (``spans``)
 crossing per pixel row whose centre it spans (half-open in y, so every row has an even count);
 crossings sorted by (polygon, row, column) pair up into spans [c0, c1). Two writers share it:
 
-- ``rasterize_flat`` / ``rasterize_batch`` (the CPU): spans expanded into pixel writes of dense masks.
-- ``rasterize_packed_batch`` (the GPU form, also run on NumPy in CI): the same spans from raw kernels
+- ``rasterize_flat`` / ``rasterize_batch``: spans expanded into pixel writes of dense masks (the
+  reference the packed form is tested against).
+- ``rasterize_packed_batch`` (the GPU form, and the CPU pipelines' writer on NumPy): the same spans from raw kernels
   (each with a NumPy twin), OR-ed straight into bit-packed masks, so overlapping parts of one object
   give their union. A fixed number of kernels per batch whatever its size (20), two blocking host
   syncs (the crossing count, then the kept count per sample), no dense mask at all.
@@ -85,8 +86,8 @@ def spans(poly_start, poly_end, verts, height: int, width: int, xp=np) -> Spans:
 
 
 def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: int, width: int, xp=np,
-                   group=None, n_groups: int = 1, out=None):
-    """Rasterise polygons of ``n_inst`` instances into dense masks (the CPU writer).
+                   group=None, n_groups: int = 1):
+    """Rasterise polygons of ``n_inst`` instances into dense masks (the packed writer's reference).
 
     poly_inst: [P] instance of each polygon; poly_start/poly_end: [P] vertex range of each polygon in
     ``verts`` [V, 2] (x, y in output pixels). Returns masks [K, H, W] uint8 for the K instances that
@@ -96,8 +97,6 @@ def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: 
     With ``group`` ([n_inst] sorted group index, e.g. the sample of each instance) the masks come as
     [n_groups, Kmax, H, W], each group's kept instances first and zero padding after: the padded batch
     the PyTorch hand-off needs, written once instead of rasterised and then copied into padding.
-    ``out`` (with ``group``): an all-zero [n_groups, capacity, H, W] buffer to write into instead of a
-    fresh allocation (the caller re-zeroes what was written; fresh pages cost more than the writes).
     """
     H, W = int(height), int(width)
     idx_t = np.int64
@@ -119,10 +118,7 @@ def rasterize_flat(poly_inst, poly_start, poly_end, verts, n_inst: int, height: 
         g = np.asarray(group, dtype=idx_t)[kept]
         per_group = np.bincount(g, minlength=n_groups)
         kmax = int(per_group.max()) if n_groups else 0
-        if out is not None and out.shape[0] == n_groups and out.shape[1] >= kmax and out.shape[2:] == (H, W):
-            target = out
-        else:
-            target = np.zeros((n_groups, kmax, H, W), dtype=np.uint8)
+        target = np.zeros((n_groups, kmax, H, W), dtype=np.uint8)
         stride, masks = target.shape[1], target[:, :kmax]
         first = np.cumsum(per_group) - per_group
         slot_of_kept = g * stride + np.arange(k, dtype=idx_t) - first[g]
@@ -153,7 +149,7 @@ def _batch_layout(polygons, vertices, counts):
     return inst_off, vert_off, sample
 
 
-def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np, out=None):
+def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np):
     """Per-sample front end of the CPU writer: DALI's ``polygons`` [P, 3] (mask index, first vertex, end
     vertex) and ``vertices`` [V, 2] per sample, ``counts`` instances per sample.
 
@@ -169,7 +165,7 @@ def rasterize_batch(polygons, vertices, counts, height: int, width: int, xp=np, 
         group = np.repeat(np.arange(len(counts)), counts)
         masks, boxes, kept = rasterize_flat(p[:, 0] + inst_off[sample], p[:, 1] + vert_off[sample],
                                             p[:, 2] + vert_off[sample], verts, int(inst_off[-1]), height, width,
-                                            np, group=group, n_groups=len(counts), out=out)
+                                            np, group=group, n_groups=len(counts))
     else:
         masks, boxes, kept = (np.zeros((len(counts), 0, height, width), np.uint8), np.zeros((0, 4), np.float32),
                               np.zeros((0,), np.int64))

@@ -353,9 +353,6 @@ def _main(argv=None) -> int:
     sizes = LVIS_DEFAULT if a.lvis else DEMO_DEFAULT if a.demo else (64, 16)
     a.train = a.train if a.train is not None else sizes[0]
     a.val = a.val if a.val is not None else sizes[1]
-    for name, n in (("--train", a.train), ("--val", a.val)):
-        if n < 1:
-            p.error(f"{name} must be at least 1, not {n}")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")

@@ -52,15 +52,21 @@ def decode(jpegs, device: str):
                              adjust_orientation=False)
 
 
-def stored_shape(jpegs, dtype=types.FLOAT):
-    """(h, w) of the stored pixels, as ``decode`` returns them."""
-    shape = fn.peek_image_shape(jpegs, dtype=dtype, adjust_orientation=False)
+def stored_shape(jpegs):
+    """(h, w) of the stored pixels, as ``decode`` returns them; float64, as mmcv sizes in Python floats."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT64, adjust_orientation=False)
     return shape[0], shape[1]
 
 
 def _fit_scale(h, w, long_side, short_side):
     """Scale that makes an h x w image fit long_side x short_side keeping aspect (as mmdetection)."""
     return dmath.min(long_side / dmath.max(h, w), short_side / dmath.min(h, w))
+
+
+def _rescale(h, w, long_side, short_side):
+    """mmcv's ``rescale_size``: (scale, out h, out w) with sides int(x * scale + 0.5), at least 1."""
+    r = _fit_scale(h, w, long_side, short_side)
+    return r, dmath.max(dmath.floor(h * r + 0.5), 1.0), dmath.max(dmath.floor(w * r + 0.5), 1.0)
 
 
 def _stacked(dtype, *values):
@@ -80,13 +86,11 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter, resampler: str = 
     (mmdetection's ``scale_factor``); the crop offset is uniform over 0..margin *inclusive* (numpy's
     randint(0, margin + 1)). Sizes in float64, as mmcv computes them in Python floats."""
     S = float(cfg.out_size)
-    h, w = (fn.cast(v, dtype=types.FLOAT64) for v in stored_shape(jpegs))
+    h, w = stored_shape(jpegs)
     lo, hi = cfg.scale_range
     s = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
     side = dmath.floor(fn.cast(S * s, dtype=types.FLOAT64)) if hi > lo else float(int(S * lo))
-    r = _fit_scale(h, w, side, side)
-    nh = dmath.max(dmath.floor(h * r + 0.5), 1.0)  # the resized image
-    nw = dmath.max(dmath.floor(w * r + 0.5), 1.0)
+    r, nh, nw = _rescale(h, w, side, side)  # the resized image
     ky, kx = nh / h, nw / w
     oh, ow = dmath.min(nh, S), dmath.min(nw, S)  # the crop window
     oy = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (nh - oh + 1.0)), nh - oh)
@@ -102,9 +106,6 @@ def scale_jitter(jpegs, images, vertices, cfg: presets.Jitter, resampler: str = 
     vertices = vertices * _stacked(types.FLOAT, kx, ky) - _stacked(types.FLOAT, xs * kx, y0 * ky)
     geometry = _stacked(types.FLOAT, r, oh, ow, flip, oy, ox)
     return images, vertices, geometry
-
-
-RESAMPLERS = ("dali", "torch")
 
 
 def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages: list | None = None):
@@ -123,7 +124,7 @@ def resample_window(images, window, cfg: presets.Jitter, resampler: str, stages:
         return fn.python_function(images, window, function=stage, batch_processing=True,
                                   bytes_per_sample_hint=[cfg.out_size * cfg.out_size * 3])
     if resampler != "dali":
-        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, not {resampler!r}")
+        raise ValueError(f"resampler must be one of {', '.join(presets.RESAMPLERS)}, not {resampler!r}")
     f32 = lambda v: fn.cast(v, dtype=types.FLOAT)  # noqa: E731
     images = fn.resize(images, size=f32(window[4:6]), roi_start=f32(window[2:4]), roi_end=f32(window[0:2]),
                        interp_type=types.INTERP_LINEAR, antialias=True)
@@ -138,8 +139,7 @@ def fit_size(h, w, cfg: presets.EvalResize):
     """mmcv's ``rescale_size``: scale min(long / max(h, w), short / min(h, w)), sides int(x * scale + 0.5),
     in float64 as Python computes it (float32 rounds e.g. 320 x 640's 666.5 down to 666). Returns
     (scale, out h, out w)."""
-    r = _fit_scale(h, w, float(cfg.max_long), float(cfg.max_short))
-    return r, dmath.max(dmath.floor(h * r + 0.5), 1.0), dmath.max(dmath.floor(w * r + 0.5), 1.0)
+    return _rescale(h, w, float(cfg.max_long), float(cfg.max_short))
 
 
 def fit_resize(jpegs, images, cfg: presets.EvalResize):
@@ -148,7 +148,7 @@ def fit_resize(jpegs, images, cfg: presets.EvalResize):
     valid w, 0) and the original (h, w). ``cfg.method`` "antialias" resizes here; "opencv" leaves the
     decoded image at its size for ``pipelines.iterator.EvalLoader`` to resize as OpenCV does
     (``pipelines.opencv_resize``: integer arithmetic DALI's filters do not offer)."""
-    h, w = stored_shape(jpegs, types.FLOAT64)
+    h, w = stored_shape(jpegs)
     r, oh, ow = fit_size(h, w, cfg)
     if cfg.method == "antialias":
         size = fn.cast(fn.stack(oh, ow), dtype=types.FLOAT)  # whole numbers: exact in float32

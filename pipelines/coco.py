@@ -82,7 +82,7 @@ def build(pipeline: str | PipelinePreset, split: CocoSplit, batch_size: int = 8,
     JSON the reader uses (the dataset check passes its filtered copy). ``checkpoint`` (DALI's, of this
     pipeline) and ``start_batch`` (the number of batches it has run before) resume its exact data stream.
     ``stages`` (a list) receives the pipeline's custom stage objects, whose timers are this pipeline's
-    alone. ``resampler`` (``blocks.RESAMPLERS``): who resamples the jittered images, by default torch on
+    alone. ``resampler`` (``presets.RESAMPLERS``): who resamples the jittered images, by default torch on
     the CPU and DALI on the GPU (``blocks.resample_window``)."""
     preset = pipeline if isinstance(pipeline, PipelinePreset) else pipeline_preset(pipeline, out_size)
     if device not in ("cpu", "gpu"):

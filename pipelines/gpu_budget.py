@@ -260,8 +260,6 @@ def _main(argv=None) -> int:
     ap.add_argument("--json", help="write {'stages': {'masks': {...}, 'copy_paste': {...}}} here")
     cli.add_debug_flag(ap)
     a = ap.parse_args(argv)
-    if a.size % 8 or a.size <= 0 or a.batch_size < 1 or a.instances < 0:
-        ap.error("--size must be a positive multiple of 8, --batch-size >= 1, --instances >= 0")
     if a.under_training and a.device != "gpu":
         ap.error("--under-training needs --device gpu")
     if a.under_training:

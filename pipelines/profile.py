@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from dali_scp import dataset as ds
-from dali_scp.presets import PIPELINES, pipeline_preset
+from dali_scp.presets import PIPELINES, RESAMPLERS, pipeline_preset
 from pipelines.devices import dali_device_id
 
 log = logging.getLogger("profile")
@@ -264,7 +264,7 @@ def _main(argv=None) -> int:
     p.add_argument("--warmup", type=cli.NON_NEGATIVE, default=3, help="untimed batches first")
     p.add_argument("--out-size", type=cli.PIXELS, default=None, help="canvas side (default: the preset's 1024)")
     p.add_argument("--baseline", action="store_true", help="also time the PyTorch DataLoader baseline")
-    p.add_argument("--resampler", default=None, choices=["dali", "torch"],
+    p.add_argument("--resampler", default=None, choices=RESAMPLERS,
                    help="who resamples the jittered images (default: torch on the CPU, DALI on the GPU)")
     p.add_argument("--json", default=None, help="write all figures and machine facts here")
     cli.add_debug_flag(p)

@@ -105,6 +105,11 @@ def _reused_zeros(arena, b: int, rows: int, plane: tuple, spare_rows: int):
     return arena
 
 
+def _reused_empty(arena, shape: tuple):
+    """``arena`` while it has ``shape``, else a new uint8 array (contents undefined: the caller writes all of it)."""
+    return arena if arena is not None and arena.shape == shape else np.empty(shape, np.uint8)
+
+
 def _empty_canvases(self, images, windows):
     return [np.full((self.size, self.size, 3), self.pad_value, np.uint8) for _ in images]
 
@@ -133,8 +138,7 @@ class ResampleStage:
     @guarded(_empty_canvases)
     def __call__(self, images, windows):
         b = len(images)
-        if self._arena is None or self._arena.shape[0] != b:
-            self._arena = np.empty((b, self.size, self.size, 3), np.uint8)
+        self._arena = _reused_empty(self._arena, (b, self.size, self.size, 3))
         if self.threads == 1 or b == 1:
             for k in range(self.threads):
                 self._share(k, images, windows)
@@ -210,7 +214,7 @@ class CopyPasteStage:
         cap = sum(len(c) for c in cat_ids)  # enough for any destination's kept + pasted
         out = self._buffer(len(images), cap, *masks[0].shape[1:]) if len(images) else None
         shape = (len(images), *images[0].shape) if len(images) else None
-        if shape and (self._images is None or self._images.shape != shape):
-            self._images = np.empty(shape, np.uint8)
+        if shape:
+            self._images = _reused_empty(self._images, shape)
         return copy_paste_packed(images, masks, boxes, cat_ids, choices, self.cfg, out, self._written,
                                  worker_pool(self.threads), self._images)

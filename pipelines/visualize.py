@@ -127,8 +127,6 @@ def _main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output PNG")
     cli.add_debug_flag(p)
     a = p.parse_args(argv)
-    if a.num < 1:
-        p.error(f"--num must be at least 1, not {a.num}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     grid = make_grid(a.pipeline, a.coco_root, a.device, a.num, a.seed, a.tile, split=a.split, dataset=a.dataset)
     try:

@@ -20,7 +20,7 @@ root, device, stage = sys.argv[1:4]
 def planted(*a, **k):
     raise ValueError("planted failure")
 if stage == "masks":
-    st.rasterize_batch = st.rasterize_packed_batch = planted
+    st.rasterize_packed_batch = planted
 else:
     st.copy_paste_packed = st.copy_paste_packed_batched = planted
 loader = CocoLoader("ssj_scp", resolve(root, "train2017"), batch_size=4, device=device, infinite=True,
