@@ -281,6 +281,24 @@ def _payloads(m: str) -> dict:
 
 
 INERT = {"__reduce__ to a module's function", "__setstate__ of a class"}  # read, kept inert; the rest refused
+# the refusal each payload must meet (not merely some refusal before it)
+REFUSAL = {"getattr on a real object": "attribute __class__", "BUILD planting __setstate__": "(BUILD)",
+           "storage key holding a pickle": "not a plain key", "storage key leaving the archive": "not a plain key",
+           "tensor beyond its storage": "outside its storage", "extension code": "extension codes"}
+# the tensor payloads as each format writes a storage: (storage key, elements stored, tensor size)
+TENSORS = {"storage key holding a pickle": (None, 1, 1), "storage key leaving the archive": ("../../data.pkl", 1, 1),
+           "tensor beyond its storage": ("0", 4, 1000)}
+
+
+def _crafted_file(path: Path, name: str, pkl: bytes, fmt: str, marker: Path) -> Path:
+    if fmt == "zip":
+        return zip_file(path, pkl, {"0": b"\0" * 16})
+    if name not in TENSORS:
+        return legacy_file(path, pkl)
+    key, numel, size = TENSORS[name]
+    key = key or (P2 + G("posix", "system") + S(f"touch {marker}") + b"\x85R.").decode("latin-1")
+    return legacy_file(path, P2 + tensor(pid(key, numel, legacy=True), 0, (size,), (1,)) + b".", keys=[key],
+                       data=legacy_storage(b"\0" * 4 * numel, numel))
 
 
 def test_the_crafted_payloads_are_live(tmp_path):
@@ -299,7 +317,7 @@ def test_the_crafted_payloads_are_live(tmp_path):
 def test_crafted_files_never_run_anything(tmp_path, name, fmt):
     marker = tmp_path / "marker"
     pkl, _ = _payloads(str(marker))[name]
-    f = (zip_file if fmt == "zip" else legacy_file)(tmp_path / "evil.pth", pkl, *([{"0": b"\0" * 16}] if fmt == "zip" else []))
+    f = _crafted_file(tmp_path / "evil.pth", name, pkl, fmt, marker)
     if name in INERT:
         got = cr.read(f)
         assert isinstance(got.obj, cr.Inert) and got.obj.of.startswith("pickle_gadgets.") and got.inert
@@ -313,6 +331,10 @@ def test_crafted_files_never_run_anything(tmp_path, name, fmt):
     assert msg.startswith(str(f)), msg
     if name in ("os.system", "builtins.exec", "builtins.eval", "subprocess.Popen", "importlib.import_module"):
         assert "refused" in msg and name.split(".")[-1] in msg
+    elif name in INERT:
+        assert "inert" in msg and "pickle_gadgets." in msg
+    else:
+        assert REFUSAL[name] in msg, msg
 
 
 def test_a_storage_record_holding_a_pickle_is_read_as_numbers(tmp_path):

@@ -43,7 +43,7 @@ def test_eval_every_logs_keeps_best_and_leaves_training_exact(small_root, tmp_pa
     assert m["segm"]["AP"] == pytest.approx(state["metrics"]["segm"]["AP"])  # the same weights
 
 
-def test_best_checkpoint_keeps_the_highest_mask_ap_and_survives_a_resume(syn_root, tmp_path):
+def test_best_checkpoint_keeps_the_highest_mask_ap_and_survives_a_resume(syn_root, tmp_path, capsys):
     from trainer.config import RunConfig
     from trainer.hooks import BestCheckpoint
     args = ["--preset", "demo", "--coco-root", str(syn_root), "--out", str(tmp_path), "--eval-every", "5"]
@@ -60,5 +60,7 @@ def test_best_checkpoint_keeps_the_highest_mask_ap_and_survives_a_resume(syn_roo
     resumed.update(25, {"segm": {"AP": 0.4}})
     assert ckpt.load(tmp_path / "best.pth")["iteration"] == 15
     assert BestCheckpoint(cfg, model).ap == float("-inf")  # a new run does not inherit an old file
-    with pytest.raises(SystemExit):  # argparse's range (tests/test_cli_numbers.py)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse's range (tests/test_cli_numbers.py)
         run_mod.parse_args(args[:-1] + ["-1"])
+    assert e.value.code == 2 and "argument --eval-every" in capsys.readouterr().err

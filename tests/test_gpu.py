@@ -153,7 +153,9 @@ def test_opencv_resize_on_the_gpu_is_opencvs():
     from pathlib import Path
     from pipelines.opencv_resize import resize_linear
     ref = np.load(Path(__file__).parent / "data" / "mmdet_testtime.npz")
-    for i in range(len([k for k in ref.files if k.startswith("cv_in")])):
+    cases = len([k for k in ref.files if k.startswith("cv_in")])
+    assert cases == 8, f"the reference holds {cases} OpenCV cases, not 8: regenerate or update this test"
+    for i in range(cases):
         out = ref[f"cv_out{i}"]
         out = out.reshape(out.shape[0], out.shape[1], -1)
         got = resize_linear(torch.from_numpy(ref[f"cv_in{i}"]).cuda(), *out.shape[:2]).cpu().numpy()

@@ -94,7 +94,14 @@ def test_evaluation_loader_sizes_as_mmdetection(tmp_path, w, h, out):
     assert (b.geometry[0].valid_h, b.geometry[0].valid_w) == out
 
 
-@pytest.mark.parametrize("i", range(len([k for k in REF.files if k.startswith("cv_in")])))
+CV_CASES = len([k for k in REF.files if k.startswith("cv_in")])
+
+
+def test_the_reference_holds_every_opencv_case():
+    assert CV_CASES == 8  # enlarged, shrunk, halved, mixed, one pixel wide... (scripts/mmdet_testtime.py)
+
+
+@pytest.mark.parametrize("i", range(CV_CASES))
 def test_resize_linear_is_opencvs(i):
     """``pipelines.opencv_resize`` against OpenCV's own INTER_LINEAR (the reference's cases: enlarged, shrunk,
     halved, mixed, one pixel wide), every pixel."""

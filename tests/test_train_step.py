@@ -19,7 +19,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from reference_files import reference_script
+from reference_files import load_reference, reference_script
 from dali_scp.presets import recipe
 from trainer import import_weights
 from trainer import mmdet_style as mm
@@ -48,8 +48,7 @@ script = reference_script("mmdet_train_reference")
 
 @pytest.fixture(scope="module")
 def ref():
-    z = np.load(REF, allow_pickle=False)
-    return {k: z[k] for k in z.files} | {"info": json.loads(str(z["info"]))}
+    return load_reference(REF)
 
 
 @pytest.fixture(scope="module")
