@@ -98,22 +98,25 @@ def write_markdown(all_runs, path: Path, budget: dict | None = None):
 KEPT_BEGIN, KEPT_END = "<!-- kept: begin (not written by run_matrix.py) -->", "<!-- kept: end -->"
 
 
+def _between(path: Path, begin: str, end: str) -> list:
+    """The text of RESULTS.md from ``begin`` to ``end``, markers included, as one line; [] if absent."""
+    text = path.read_text() if path.is_file() else ""
+    if begin not in text or end not in text:
+        return []
+    return [begin + text.split(begin, 1)[1].split(end, 1)[0] + end, ""]
+
+
 def kept_tail(path: Path) -> list:
     """The marked sections at the end of RESULTS.md, as they are: run_matrix.py owns only its own tables."""
-    text = path.read_text() if path.is_file() else ""
-    if KEPT_BEGIN not in text or KEPT_END not in text:
-        return []
-    return ["", KEPT_BEGIN + text.split(KEPT_BEGIN, 1)[1].split(KEPT_END, 1)[0] + KEPT_END, ""]
+    kept = _between(path, KEPT_BEGIN, KEPT_END)
+    return [""] + kept if kept else []
 
 
 def kept_anchors_section(path: Path) -> list:
     """benchmarks/anchors/run.py's section of RESULTS.md (its own run, its own command) survives a rewrite."""
     sys.path.insert(0, str(HERE / "anchors"))
     from run import BEGIN, END
-    text = path.read_text() if path.is_file() else ""
-    if BEGIN not in text or END not in text:
-        return []
-    return [BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END, ""]
+    return _between(path, BEGIN, END)
 
 
 def main(argv=None) -> int:

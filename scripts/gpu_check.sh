@@ -103,7 +103,7 @@ rm -rf "$WORK/train_step"
 step "training step" 150 gpu python3 -m trainer.run --preset r50_ssj_scp_90k --coco-root "$DATA" --out "$WORK/train_step" \
   --max-iters 1 --batch-size 8 --amp --no-eval --threads 8
 echo; echo "=== verdict ($(( $(date +%s) - START )) s in)" | tee -a "$LOG"
-python3 scripts/gpu_verdict.py verdict "$WORK" "$RES" 2>&1 | tee -a "$LOG"
+python3 scripts/gpu_verdict.py verdict "$WORK" "$RES" 2>&1 | tee -a "$LOG" || failed+=("verdict (see verdict.txt)")
 echo "gpu_check: part 1 took $(( $(date +%s) - START )) s of wall time" | tee -a "$LOG" "$RES/verdict.txt"
 if grep -q "^the GPU path can run here	FAIL" "$WORK/steps.tsv"; then
   echo "gpu_check: no usable GPU path here; the benchmarks would mean nothing" | tee -a "$LOG"; exit 1

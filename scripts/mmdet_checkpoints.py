@@ -36,7 +36,6 @@ Each side appends what its files hold (state-dict digests, meta values) to ``ref
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -56,13 +55,8 @@ SEED_CONFIG = "simple_copy_paste/mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all
 IMAGE = 128
 
 
-def digest(sd: dict) -> str:
-    """sha256 over (key, shape, dtype, bytes) of every tensor, in order (the tests compute the same)."""
-    h = hashlib.sha256()
-    for k, v in sd.items():
-        h.update(k.encode() + str(tuple(v.shape)).encode() + str(v.dtype).encode())
-        h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mmdet_reference import state_dict_digest as digest  # noqa: E402  (the tests compute the same)
 
 
 def record(name: str, entry: dict) -> None:

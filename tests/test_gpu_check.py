@@ -2,6 +2,7 @@
 PASS only when every check of the proof passed and its numbers are there, and name what failed otherwise
 (fed with the files an H100 run wrote, benchmarks/gpu_h100/)."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,21 @@ def test_the_verdict_names_what_failed(tmp_path):
     assert "4 of 5 tests passed; failed: tests/test_gpu.py::test_gpu_pipeline_matches_cpu_pipeline[ssj_scp]" in flat
     assert "FAIL AMP training step: no metrics written" in flat  # the step exited 0 but wrote nothing
     assert "VERDICT: FAILED (proof tests, training step)" in flat
+
+
+def test_fewer_proof_tests_than_the_proof_has_is_no_pass(tmp_path):
+    """pytest exits 0 when a renamed test no longer matches the selection: 3 passed is not the proof."""
+    p, _, flat = _verdict(*_work(tmp_path, tests="3 passed in 30.0s\n"))
+    assert p.returncode == 1
+    assert "3 of 5 tests passed" in flat and "VERDICT: FAILED (proof tests)" in flat
+
+
+def test_gpu_check_counts_a_failed_verdict():
+    """The verdict's own checks (numbers missing, loss not finite) fail the whole run, not only its screen."""
+    text = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    line = next(x for x in text.splitlines() if "gpu_verdict.py verdict" in x)
+    assert "|| failed+=" in line  # the pipeline's status is the verdict's, not tee's, under the script's pipefail:
+    assert re.search(r"^set -\w*o pipefail", text, re.M)
 
 
 def test_gpu_check_is_valid_bash():
