@@ -333,6 +333,14 @@ def test_init_from_loads_weights_only_and_refits_class_heads(imported, tmp_path)
         assert torch.equal(v, before[k] if fresh else state["model"][k]), k
     with pytest.raises(ckpt.CheckpointError, match="does not fit recipe r50_ssj_scp_90k"):
         init_from(build_model(recipe("r50_ssj_scp_90k"), 9), str(imported[0]), recipe("r50_ssj_scp_90k"))
+    # a file read as data may hold anything where a tensor belongs: named in one line, never an AttributeError
+    k = next(iter(state["model"]))
+    torch.save(dict(state, model=dict(state["model"], **{k: "not a tensor"})), tmp_path / "str.pth")
+    with pytest.raises(ckpt.CheckpointError, match=f"{k}: checkpoint has nothing"):
+        init_from(build_model(r, 9), str(tmp_path / "str.pth"), r)
+    torch.save(dict(state, model=[1, 2]), tmp_path / "list.pth")
+    with pytest.raises(ckpt.CheckpointError, match="not a dali-scp checkpoint"):
+        init_from(build_model(r, 9), str(tmp_path / "list.pth"), r)
 
 
 def test_run_cli_starts_from_init_weights_with_a_fresh_schedule(syn_root, tmp_path):

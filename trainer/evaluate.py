@@ -417,14 +417,14 @@ def merge_rank_results(per_rank: list):
 def load_model_from_checkpoint(path: str, num_classes: int | None = None):
     from trainer import checkpoint as ckpt
     from trainer.checkpoint_reader import printable
-    from trainer.model import build_model
+    from trainer.model import build_model, shape_mismatches
     state, recipe, n, tensors = ckpt.load_trained(Path(path), num_classes)
     # the numbers above come from the file: the model is built for real only once a skeleton on the meta device
     # (no memory) has exactly the file's tensor shapes, so a crafted recipe or class count cannot make it huge
     what = f"the model built from its recipe ({printable(recipe.name)}, {printable(recipe.backbone)}, {n} classes)"
     with torch.device("meta"):
         skeleton = build_model(recipe, n).state_dict()
-    wrong = [k for k, v in skeleton.items() if not torch.is_tensor(tensors.get(k)) or tensors[k].shape != v.shape]
+    wrong = shape_mismatches(skeleton, tensors)
     if wrong:
         k = wrong[0]
         got = tuple(tensors[k].shape) if torch.is_tensor(tensors.get(k)) else "nothing"

@@ -93,6 +93,12 @@ def resnet18_half(weights=None, norm_layer=nn.BatchNorm2d):
 BACKBONES = {"resnet50": resnet50, "resnet18": resnet18, "resnet18_half": resnet18_half}
 
 
+def shape_mismatches(expected: dict, got: dict) -> list[str]:
+    """Keys of ``expected`` that ``got`` lacks, holds as something other than a tensor, or holds with another
+    shape: what a checkpoint read as data must pass before ``load_state_dict`` sees it."""
+    return [k for k, v in expected.items() if not (torch.is_tensor(got.get(k)) and got[k].shape == v.shape)]
+
+
 def build_model(recipe: Recipe, num_classes: int, backbone_weights: str | None = None) -> MaskRCNN:
     norm = nn.BatchNorm2d
     trunk = BACKBONES[recipe.backbone](weights=None, norm_layer=norm)

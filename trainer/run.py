@@ -31,7 +31,7 @@ from trainer import hooks
 from trainer.config import RunConfig, resolve_recipe  # noqa: F401 - resolve_recipe: part of this CLI's API
 from trainer.hooks import NonFiniteLoss
 from trainer.metrics_log import MetricsLog
-from trainer.model import build_model, to_model_inputs
+from trainer.model import build_model, shape_mismatches, to_model_inputs
 from trainer.train_loop import Trainer
 
 log = logging.getLogger("trainer")
@@ -166,15 +166,16 @@ def init_from(model, path: str, r: Recipe) -> None:
     from dataclasses import asdict
     from dali_scp.presets import MODEL_FIELDS
     state = ckpt.load(Path(path))
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ckpt.CheckpointError(f"--init-from {path}: not a dali-scp checkpoint (run trainer.import_weights "
                                    "on released mmdetection / torchvision weights first)")
     theirs, mine = state["model"], model.state_dict()
-    skipped = [k for k in mine if k.startswith(CLASS_SPECIFIC) and k in theirs and theirs[k].shape != mine[k].shape]
-    wrong = [k for k in mine if k not in skipped and (k not in theirs or theirs[k].shape != mine[k].shape)]
+    wrong = shape_mismatches(mine, theirs)
+    skipped = [k for k in wrong if k.startswith(CLASS_SPECIFIC) and torch.is_tensor(theirs.get(k))]
+    wrong = [k for k in wrong if k not in skipped]
     if wrong:
         k = wrong[0]
-        got = tuple(theirs[k].shape) if k in theirs else "nothing"
+        got = tuple(theirs[k].shape) if torch.is_tensor(theirs.get(k)) else "nothing"
         raise ckpt.CheckpointError(f"--init-from {path}: does not fit recipe {r.name}'s model ({len(wrong)} tensors, "
                                    f"e.g. {k}: checkpoint has {got}, model needs {tuple(mine[k].shape)})")
     model.load_state_dict({k: (mine[k] if k in skipped else theirs[k]) for k in mine})
