@@ -91,3 +91,25 @@ def test_the_demo_set_is_few_large_objects_of_four_shapes(tmp_path):
     # trainer.run without --coco-root trains on it; the profiler's default keeps the COCO-like set
     assert resolve(None, "train2017", demo=True).cat_names == ["disc", "triangle", "square", "star"]
     assert len(resolve(None, "train2017").cat_names) == 8
+
+
+def test_a_training_set_without_any_annotation_is_one_line_and_a_partial_one_trains_the_annotated(tmp_path, caplog):
+    """Training reads only annotated images (mmdetection's filter_empty_gt): none left is one clear line
+    naming the file, not an empty stream; some left is logged with the count."""
+    from quirks import write_coco
+    (tmp_path / "train2017").mkdir()
+    images = []
+    for i in range(3):
+        Image.new("RGB", (64, 48), (40 * i, 90, 30)).save(tmp_path / "train2017" / f"{i}.png")
+        images.append(dict(id=i, file_name=f"{i}.png", height=48, width=64))
+    write_coco(tmp_path, "train2017", images, [])
+    with pytest.raises(ValueError, match=r"instances_train2017\.json: no image has an annotation; nothing to train on"):
+        CocoLoader("ssj_scp", resolve(tmp_path, "train2017"), batch_size=2, out_size=64, infinite=True)
+    square = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    write_coco(tmp_path, "train2017", images, [dict(id=0, image_id=2, category_id=3, segmentation=square,
+                                                    area=400.0, bbox=[10, 10, 20, 20], iscrowd=0)])
+    caplog.set_level("INFO")
+    batch_images, targets = next(iter(CocoLoader("ssj_scp", resolve(tmp_path, "train2017"), batch_size=2,
+                                                 out_size=64, infinite=True)))
+    assert "training on the 1 of 3 images that have annotations" in caplog.text
+    assert [t["image_id"] for t in targets] == [2, 2]  # the annotated image only
