@@ -23,6 +23,7 @@ import torch
 
 import pickle_gadgets
 from checkpoint_files import P2, G, S, legacy_file, legacy_storage, pid, tensor, tensor_pickle, zip_file
+from messages import one_plain_line
 from reference_files import reference_script
 from trainer import checkpoint as ckpt
 from trainer import checkpoint_reader as cr
@@ -35,12 +36,6 @@ CLASSES = ["disc", "square", "triangle"]
 
 
 SCRIPT = reference_script("mmdet_checkpoints")
-
-
-def _one_plain_line(msg: str) -> str:
-    msg = msg.strip()
-    assert "\n" not in msg and "\x1b" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 # ------------------------------------------------------------------ real files
@@ -119,16 +114,16 @@ def test_raw_mmdetection_files_get_one_line_pointing_at_the_import(syn_root, tmp
     from trainer import run as run_mod
     for name, what in (("mmdet3_iter_2.pth", "HistoryBuffer"), ("mmdet3_published.pth", "import_weights")):
         assert ev.main(["--checkpoint", str(DATA / name), "--coco-root", str(syn_root)]) == 2
-        err = _one_plain_line(capsys.readouterr().err)
+        err = one_plain_line(capsys.readouterr().err)
         assert str(DATA / name) in err and what in err and "trainer.import_weights" in err
     common = ["--preset", "demo", "--coco-root", str(syn_root), "--no-eval", "--threads", "1", "--batch-size", "2",
               "--max-iters", "1"]
     assert run_mod.main(common + ["--out", str(tmp_path / "a"), "--init-from", str(DATA / "mmdet3_iter_2.pth")]) == 2
-    assert "trainer.import_weights" in _one_plain_line(capsys.readouterr().err)
+    assert "trainer.import_weights" in one_plain_line(capsys.readouterr().err)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "ckpt_00000002.pth").write_bytes((DATA / "mmdet3_iter_2.pth").read_bytes())
     assert run_mod.main(common + ["--out", str(tmp_path / "b"), "--resume"]) == 2
-    assert "HistoryBuffer" in _one_plain_line(capsys.readouterr().err)
+    assert "HistoryBuffer" in one_plain_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------ values of every kind, as torch reads them
@@ -327,7 +322,7 @@ def test_crafted_files_never_run_anything(tmp_path, name, fmt):
         with pytest.raises(cr.CheckpointError) as e:
             cr.read(f)
     assert not marker.exists(), "the payload ran"
-    msg = _one_plain_line(str(e.value))
+    msg = one_plain_line(str(e.value))
     assert msg.startswith(str(f)), msg
     if name in ("os.system", "builtins.exec", "builtins.eval", "subprocess.Popen", "importlib.import_module"):
         assert "refused" in msg and name.split(".")[-1] in msg
@@ -360,7 +355,7 @@ def test_names_from_the_file_cannot_break_the_line(tmp_path):
     pkl = P2 + G("os", "system\x1b[1m\rX") + S("x") + b"\x85R."
     with pytest.raises(cr.Refused) as e:
         cr.read(zip_file(tmp_path / "f.pth", pkl))
-    msg = _one_plain_line(str(e.value))
+    msg = one_plain_line(str(e.value))
     assert "\r" not in msg and "\\x1b" in msg
 
 
@@ -369,7 +364,7 @@ def test_files_that_are_not_checkpoints_get_one_line(tmp_path, data):
     (tmp_path / "x.pth").write_bytes(data)
     with pytest.raises(cr.CheckpointError) as e:
         cr.read(tmp_path / "x.pth")
-    assert _one_plain_line(str(e.value)).startswith(str(tmp_path / "x.pth"))
+    assert one_plain_line(str(e.value)).startswith(str(tmp_path / "x.pth"))
 
 
 def test_every_command_that_reads_checkpoints_refuses_in_one_line(syn_root, tmp_path, capsys):
@@ -389,7 +384,7 @@ def test_every_command_that_reads_checkpoints_refuses_in_one_line(syn_root, tmp_
              lambda: run_mod.main(common + ["--out", str(tmp_path / "r"), "--resume"])]
     for call in calls:
         assert call() == 2
-        err = _one_plain_line(capsys.readouterr().err)
+        err = one_plain_line(capsys.readouterr().err)
         assert "refused" in err and "posix.system" in err and not marker.exists()
     assert not (tmp_path / "o.pth").exists()
 
@@ -439,7 +434,7 @@ def test_evaluate_checks_a_files_recipe_and_class_count_before_building(tmp_path
     for what, state in bad.items():
         torch.save(dict(state, model=model), tmp_path / "c.pth")
         assert ev.main(["--checkpoint", str(tmp_path / "c.pth"), "--coco-root", str(syn_root)]) == 2
-        err = _one_plain_line(capsys.readouterr().err)
+        err = one_plain_line(capsys.readouterr().err)
         assert expect[what] in err and "\x07" not in err, (what, err)
 
 

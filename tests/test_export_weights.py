@@ -13,6 +13,7 @@ from dali_scp.presets import recipe
 from trainer import checkpoint as ckpt
 from trainer import checkpoint_reader as cr
 from trainer import export_weights, import_weights
+from messages import one_plain_line
 from trainer.model import build_model
 
 DATA = Path(__file__).resolve().parent / "data" / "checkpoints"
@@ -74,9 +75,7 @@ def test_real_mmdetection_files_come_back_unchanged(name, tmp_path, capsys):
 
 
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "\x1b" not in err
-    return err
+    return one_plain_line(capsys.readouterr().err)
 
 
 def test_a_model_with_torchvisions_arithmetic_is_refused(tmp_path, capsys):
