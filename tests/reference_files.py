@@ -22,3 +22,14 @@ def reference_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def seeded_mmdet_checkpoint(info: dict, path: Path, meta: dict | None = None) -> Path:
+    """The checkpoint a reference script seeded in the side venv (``info``: its key spec, seed and digest),
+    rebuilt here bit for bit - the digest says so - and saved as mmdetection saves one."""
+    import torch
+    ref = reference_script("mmdet_reference")
+    sd = ref.seeded_state_dict(info["spec"], info["seed"])
+    assert ref.state_dict_digest(sd) == info["digest"], "the seeded weights differ from the reference's"
+    torch.save(dict(meta=meta or {}, state_dict=sd), path)
+    return path

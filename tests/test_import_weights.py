@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from reference_files import load_reference, reference_script
+from reference_files import load_reference, reference_script, seeded_mmdet_checkpoint
 from dali_scp.presets import MODEL_FIELDS, recipe
 from trainer import import_weights
 from trainer import mmdet_style as mm
@@ -46,12 +46,8 @@ def ref():
 def mmdet_checkpoint(ref, tmp_path_factory):
     """The checkpoint mmengine saved, rebuilt from its key list and seed; equal to it byte for byte."""
     info = ref["info"]
-    sd = _script().seeded_state_dict(info["spec"], info["seed"])
-    assert _script().state_dict_digest(sd) == info["digest"]
     meta = dict(info["meta"], dataset_meta=dict(classes=tuple(info["meta"]["dataset_meta"]["classes"])))
-    path = tmp_path_factory.mktemp("mmdet") / "mask-rcnn_seed_narrow.pth"
-    torch.save(dict(meta=meta, state_dict=sd), path)
-    return path
+    return seeded_mmdet_checkpoint(info, tmp_path_factory.mktemp("mmdet") / "mask-rcnn_seed_narrow.pth", meta)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference_files import reference_script
+from reference_files import load_reference, seeded_mmdet_checkpoint
 from dali_scp.dataset import resolve
 from dali_scp.presets import EvalResize, recipe
 from trainer import evaluate as ev
@@ -137,19 +137,12 @@ def test_opencv_resize_is_mmdetections_resize(split):
     assert shrunk.max() > 20 and shrunk.mean() > 1.0
 
 
-script = reference_script
-
-
 @pytest.fixture(scope="module")
 def seed_model(tmp_path_factory):
     """scripts/mmdet_reference.py's seeded checkpoint, rebuilt bit for bit and imported."""
-    mod = script("mmdet_reference")
-    z = np.load(ROOT / "tests" / "data" / "mmdet_reference.npz")
-    info = json.loads(str(z["info"]))
-    sd = mod.seeded_state_dict(info["spec"], info["seed"])
-    assert mod.state_dict_digest(sd) == info["digest"]
-    path = tmp_path_factory.mktemp("seed") / "seed.pth"
-    torch.save(dict(meta=dict(dataset_meta=dict(classes=info["class_names"])), state_dict=sd), path)
+    info = load_reference(ROOT / "tests" / "data" / "mmdet_reference.npz")["info"]
+    path = seeded_mmdet_checkpoint(info, tmp_path_factory.mktemp("seed") / "seed.pth",
+                                   dict(dataset_meta=dict(classes=info["class_names"])))
     imp = import_weights.convert(path, recipe("r50_ssj_scp_90k"))
     from trainer.model import build_model
     from dali_scp.presets import Recipe

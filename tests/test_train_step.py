@@ -19,7 +19,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from reference_files import load_reference, reference_script
+from reference_files import load_reference, reference_script, seeded_mmdet_checkpoint
 from dali_scp.presets import recipe
 from trainer import import_weights
 from trainer import mmdet_style as mm
@@ -75,10 +75,7 @@ def seed_recipe(ref, **fields):
 def weights(ref, tmp_path_factory):
     """mmdetection's seeded checkpoint, rebuilt bit for bit and imported as a user imports released weights."""
     info = ref["info"]
-    sd = script.inference_ref.seeded_state_dict(info["spec"], info["seed"])
-    assert script.inference_ref.state_dict_digest(sd) == info["digest"]
-    path = tmp_path_factory.mktemp("train_step") / "seed_narrow.pth"
-    torch.save(dict(meta={}, state_dict=sd), path)
+    path = seeded_mmdet_checkpoint(info, tmp_path_factory.mktemp("train_step") / "seed_narrow.pth")
     imp = import_weights.convert(path, seed_recipe(ref))
     assert imp.state["recipe"]["backbone_width"] == info["backbone_width"] and not imp.missing and not imp.unused
     return imp.state["model"]
