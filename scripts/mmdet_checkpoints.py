@@ -6,6 +6,8 @@
     python scripts/mmdet_checkpoints.py torchvision                                        # any env with torchvision
     PYTHONPATH=$PWD /work/venvs/mmdet/bin/python scripts/mmdet_checkpoints.py export      # export -> init_detector
 
+Each part takes ``--out DIR`` to write into DIR (its own ``reference.json`` there) instead of tests/data.
+
 The mmcv 1.x venv: ``python3 -m venv --system-site-packages /work/venvs/mmcv1;
 MMCV_WITH_OPS=0 /work/venvs/mmcv1/bin/pip install --no-build-isolation mmcv==1.7.2`` (mmcv 1.x's pure-Python
 build: its runner and ``save_checkpoint``, no compiled ops).
@@ -51,7 +53,6 @@ OUT = ROOT / "tests" / "data" / "checkpoints"
 REFERENCE = OUT / "reference.json"
 CLASSES = ("disc", "square", "triangle")
 BASE_CHANNELS, FPN, HEAD, FC = 2, 16, 8, 32
-SEED_CONFIG = "simple_copy_paste/mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all_32xb2-ssj-scp-90k_coco.py"
 IMAGE = 128
 
 
@@ -93,25 +94,10 @@ def tiny_coco(root: Path) -> Path:
     return root
 
 
-def narrow_model_cfg(m) -> None:
-    """The seed model narrowed (and SyncBN -> BN: one CPU process); keys and layer counts unchanged."""
-    bn = dict(type="BN", requires_grad=True)
-    m.backbone.update(base_channels=BASE_CHANNELS, norm_cfg=bn)
-    m.neck.update(in_channels=[BASE_CHANNELS * 4 * 2 ** i for i in range(4)], out_channels=FPN, norm_cfg=bn)
-    m.rpn_head.update(in_channels=FPN, feat_channels=FPN)
-    for ex in (m.roi_head.bbox_roi_extractor, m.roi_head.mask_roi_extractor):
-        ex.out_channels = FPN
-        ex.roi_layer.use_torchvision = True  # mmcv-lite has no RoIAlign backward; torchvision's is the same op
-    m.roi_head.bbox_head.update(in_channels=FPN, conv_out_channels=HEAD, fc_out_channels=FC,
-                                num_classes=len(CLASSES), norm_cfg=bn)
-    m.roi_head.mask_head.update(in_channels=FPN, conv_out_channels=HEAD, num_classes=len(CLASSES), norm_cfg=bn)
-    m.data_preprocessor.batch_augments = [dict(type="BatchFixedSizePad", size=(IMAGE, IMAGE), pad_mask=True)]
-
-
 # ------------------------------------------------------------------ mmdetection 3.x (mmengine)
 def mmdet3() -> int:
     sys.path.insert(0, str(ROOT / "scripts"))
-    from mmdet_reference import _stand_in_kernels
+    from mmdet_reference import _stand_in_kernels, narrow_model_cfg, seed_config
     _stand_in_kernels()
     import mmdet
     from mmengine.config import Config
@@ -119,8 +105,13 @@ def mmdet3() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mmdet3_ckpt_"))
     data = tiny_coco(work / "coco")
-    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / SEED_CONFIG))
-    narrow_model_cfg(cfg.model)
+    cfg = Config.fromfile(str(seed_config()))
+    # the seed model narrowed so that the files stay small (and SyncBN -> BN: one CPU process); keys and layer
+    # counts unchanged
+    narrow_model_cfg(cfg.model, backbone_width=BASE_CHANNELS, pad_size=IMAGE, num_classes=len(CLASSES),
+                     narrow=dict(fpn_channels=FPN, head_channels=HEAD, fc_channels=FC))
+    for ex in (cfg.model.roi_head.bbox_roi_extractor, cfg.model.roi_head.mask_roi_extractor):
+        ex.roi_layer.use_torchvision = True  # mmcv's RoIAlign through torchvision's op (forward and backward)
     ds = cfg.train_dataloader.dataset.dataset
     ds.update(data_root=str(data) + "/", metainfo=dict(classes=CLASSES))
     for t in ds.pipeline:
@@ -271,7 +262,6 @@ def export_check() -> int:
     mr._stand_in_kernels()
     import mmengine.runner.checkpoint as mc
     from mmdet.apis import init_detector
-    from mmdet.structures import DetDataSample
 
     z = np.load(mr.OUT, allow_pickle=False)
     info = json.loads(str(z["info"]))
@@ -297,10 +287,7 @@ def export_check() -> int:
     assert all(torch.equal(v, loaded["state_dict"][k]) for k, v in model.state_dict().items())
     assert report == dict(missing=[], unexpected=[]), report
 
-    imgs = mr.test_images()
-    samples = [DetDataSample(metainfo=dict(img_id=i, img_shape=im.shape[:2], ori_shape=im.shape[:2],
-                                           scale_factor=(1.0, 1.0))) for i, im in enumerate(imgs)]
-    data = dict(inputs=[torch.from_numpy(im[..., ::-1].copy()).permute(2, 0, 1) for im in imgs], data_samples=samples)
+    data = mr.reference_inputs(mr.test_images())
     with torch.no_grad():
         batch = model.data_preprocessor(data, False)
         results = model.predict(batch["inputs"], batch["data_samples"], rescale=True)
@@ -363,6 +350,11 @@ def torchvision_file() -> int:
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else ""
     parts = dict(mmdet3=mmdet3, mmcv1=mmcv1, torchvision=torchvision_file, export=export_check)
-    if part not in parts:
-        sys.exit(f"usage: {sys.argv[0]} {{{','.join(parts)}}}")
+    if part not in parts or len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] != "--out"):
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(parts)}}} [--out DIR]  (DIR: instead of tests/data/checkpoints "
+                 "and, for export, tests/data)")
+    if len(sys.argv) == 4:
+        OUT = Path(sys.argv[3]).resolve()
+        REFERENCE, EXPORT_REF = OUT / "reference.json", OUT / EXPORT_REF.name
+        OUT.mkdir(parents=True, exist_ok=True)
     sys.exit(parts[part]())

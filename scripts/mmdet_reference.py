@@ -2,7 +2,7 @@
 
     python3 -m venv --system-site-packages /work/venvs/mmdet
     /work/venvs/mmdet/bin/pip install mmengine mmcv-lite==2.1.0 mmdet==3.3.0
-    /work/venvs/mmdet/bin/python scripts/mmdet_reference.py          # rewrites tests/data/mmdet_reference.npz
+    /work/venvs/mmdet/bin/python scripts/mmdet_reference.py          # rewrites tests/data/mmdet_reference.npz (--out: elsewhere)
 
 Why a side environment: mmdetection is heavy and pins old mmcv, so it stays out of the project's install and
 tests. The test reads the small file this script writes (images, outputs, the checkpoint's key list and
@@ -105,7 +105,8 @@ def test_images() -> list:
 
 # ------------------------------------------------------------------ mmdetection side
 def _stand_in_kernels():
-    """mmcv-lite has no ``mmcv._ext``: give mmcv's Python ops torchvision's kernels for nms and RoIAlign."""
+    """mmcv-lite has no ``mmcv._ext``: give mmcv's Python ops torchvision's kernels for nms and RoIAlign
+    (forward and backward)."""
     import torchvision
     from mmcv.utils import ext_loader
 
@@ -119,7 +120,18 @@ def _stand_in_kernels():
         output.copy_(torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width), spatial_scale,
                                                sampling_ratio, aligned))
 
-    impl = dict(nms=nms, roi_align_forward=roi_align_forward)
+    def roi_align_backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligned_height, aligned_width,
+                           spatial_scale, sampling_ratio, pool_mode, aligned):
+        """torchvision's RoIAlign is linear in its input, so its vector-Jacobian product is mmcv's backward."""
+        assert pool_mode == 1, "avg pooling only"
+        x = torch.zeros_like(grad_input, requires_grad=True)
+        with torch.enable_grad():
+            y = torchvision.ops.roi_align(x, rois, (aligned_height, aligned_width), spatial_scale, sampling_ratio,
+                                          aligned)
+            (gx,) = torch.autograd.grad(y, x, grad_output)
+        grad_input.copy_(gx)
+
+    impl = dict(nms=nms, roi_align_forward=roi_align_forward, roi_align_backward=roi_align_backward)
 
     def load_ext(name, funcs):
         ext = types.SimpleNamespace()
@@ -136,25 +148,25 @@ def _missing(name):
     return f
 
 
-def build_mmdet_model(backbone_width: int | None = None, pad_size: int | None = None, num_classes: int = NUM_CLASSES):
-    """The seed config's model, narrowed (``NARROW``; BN for SyncBN). ``backbone_width``: ResNet-50's
-    ``base_channels`` (64 in the seed; ``scripts/mmdet_train_reference.py`` narrows it to keep every
-    gradient storable); ``pad_size``: the side of the config's ``BatchFixedSizePad`` (1024 in the seed)."""
-    _stand_in_kernels()
+def seed_config(name: str = CONFIG) -> Path:
+    """A config shipped in the mmdet wheel (``name`` relative to its ``configs`` folder)."""
     import mmdet
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
-    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / CONFIG))
-    init_default_scope("mmdet")
-    m = cfg.model
+    return Path(mmdet.__file__).parent / ".mim" / "configs" / name
+
+
+def narrow_model_cfg(m, backbone_width: int | None = None, pad_size: int | None = None,
+                     num_classes: int = NUM_CLASSES, narrow: dict = NARROW) -> None:
+    """The seed config's ``model`` narrowed in place (``narrow``: FPN, head-conv and box-head fc widths; BN for
+    SyncBN: one CPU process); keys and layer counts unchanged. ``backbone_width``: ResNet-50's
+    ``base_channels`` (64 in the seed) and the FPN's in_channels with it; ``pad_size``: the side of the
+    config's ``BatchFixedSizePad`` (1024 in the seed)."""
     m.backbone.norm_cfg = m.neck.norm_cfg = dict(type="BN", requires_grad=True)   # single CPU process
     m.roi_head.bbox_head.norm_cfg = m.roi_head.mask_head.norm_cfg = dict(type="BN", requires_grad=True)
-    c, hc = NARROW["fpn_channels"], NARROW["head_channels"]
+    c, hc = narrow["fpn_channels"], narrow["head_channels"]
     m.neck.out_channels = c
     m.rpn_head.in_channels = m.rpn_head.feat_channels = c
     m.roi_head.bbox_roi_extractor.out_channels = m.roi_head.mask_roi_extractor.out_channels = c
-    m.roi_head.bbox_head.update(in_channels=c, conv_out_channels=hc, fc_out_channels=NARROW["fc_channels"],
+    m.roi_head.bbox_head.update(in_channels=c, conv_out_channels=hc, fc_out_channels=narrow["fc_channels"],
                                 num_classes=num_classes)
     m.roi_head.mask_head.update(in_channels=c, conv_out_channels=hc, num_classes=num_classes)
     if backbone_width is not None:
@@ -163,9 +175,42 @@ def build_mmdet_model(backbone_width: int | None = None, pad_size: int | None = 
     if pad_size is not None:
         for aug in m.data_preprocessor.batch_augments:
             aug.size = (pad_size, pad_size)
-    model = MODELS.build(m)
+
+
+def build_mmdet_model(backbone_width: int | None = None, pad_size: int | None = None, num_classes: int = NUM_CLASSES):
+    """The seed config's model, narrowed (``narrow_model_cfg``: ``NARROW``; BN for SyncBN). ``backbone_width``:
+    ResNet-50's ``base_channels`` (64 in the seed; ``scripts/mmdet_train_reference.py`` narrows it to keep
+    every gradient storable); ``pad_size``: the side of the config's ``BatchFixedSizePad`` (1024 in the seed)."""
+    _stand_in_kernels()
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    cfg = Config.fromfile(str(seed_config()))
+    init_default_scope("mmdet")
+    narrow_model_cfg(cfg.model, backbone_width, pad_size, num_classes)
+    model = MODELS.build(cfg.model)
     model.eval()
     return cfg, model
+
+
+def seed_model(model, seed: int = SEED) -> list:
+    """Fills ``model``'s state dict from ``seeded_state_dict``; returns its spec [(key, shape, dtype name)]."""
+    spec = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
+    model.load_state_dict(seeded_state_dict(spec, seed))
+    return spec
+
+
+def reference_inputs(imgs: list) -> dict:
+    """``test_images()``-like RGB uint8 images -> the model's ``data`` (BGR, as cv2 reads; one DetDataSample each,
+    already at their size)."""
+    from mmdet.structures import DetDataSample
+    samples = []
+    for i, im in enumerate(imgs):
+        h, w = im.shape[:2]
+        samples.append(DetDataSample(metainfo=dict(img_id=i, img_shape=(h, w), ori_shape=(h, w),
+                                                   scale_factor=(1.0, 1.0))))
+    return dict(inputs=[torch.from_numpy(im[..., ::-1].copy()).permute(2, 0, 1) for im in imgs],  # BGR, as cv2 reads
+                data_samples=samples)
 
 
 def init_stats() -> dict:
@@ -215,19 +260,21 @@ def component_cases() -> dict:
     return {f"case_{k}": (v.numpy() if torch.is_tensor(v) else v) for k, v in out.items()}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=OUT, help=f"default {OUT}")
+    out_path = p.parse_args(argv).out
     cfg, model = build_mmdet_model()
     import mmdet
     import mmengine
     from mmengine.runner.checkpoint import save_checkpoint
-    from mmdet.structures import DetDataSample
 
-    spec = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
-    model.load_state_dict(seeded_state_dict(spec))
+    spec = seed_model(model)
     meta = dict(mmengine_version=mmengine.__version__, mmdet_version=mmdet.__version__, cfg=cfg.pretty_text,
                 dataset_meta=dict(classes=CLASS_NAMES), seed=SEED, experiment_name="mmdet_reference",
                 epoch=0, iter=0)
-    tmp = OUT.with_suffix(".pth")
+    tmp = out_path.with_suffix(".pth")
     save_checkpoint(dict(meta=meta, state_dict=model.state_dict()), str(tmp))  # {'meta', 'state_dict'}
     saved = torch.load(tmp, map_location="cpu", weights_only=True)
     tmp.unlink()
@@ -235,13 +282,7 @@ def main() -> int:
     model.load_state_dict(saved["state_dict"])
 
     imgs = test_images()
-    samples = []
-    for i, im in enumerate(imgs):
-        h, w = im.shape[:2]
-        samples.append(DetDataSample(metainfo=dict(img_id=i, img_shape=(h, w), ori_shape=(h, w),
-                                                   scale_factor=(1.0, 1.0))))
-    data = dict(inputs=[torch.from_numpy(im[..., ::-1].copy()).permute(2, 0, 1) for im in imgs],  # BGR, as cv2 reads
-                data_samples=samples)
+    data = reference_inputs(imgs)
     mask_logits = []
     model.roi_head.mask_head.register_forward_hook(lambda mod, inp, out: mask_logits.append(out.detach()))
     with torch.no_grad():
@@ -281,9 +322,9 @@ def main() -> int:
     info["init_stats"] = init_stats()
     out.update(component_cases())
     out["info"] = np.array(json.dumps(info))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, **out)
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_path, **out)
+    print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

@@ -40,11 +40,11 @@ OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "mmdet_schedule.n
 
 
 def build_runner(config: str, batch: int, work_dir: str, data_root: Path):
-    import mmdet
     from mmengine.config import Config
     from mmengine.runner import Runner
     from dali_scp.synthetic import CATEGORIES
-    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / config))
+    from mmdet_reference import seed_config
+    cfg = Config.fromfile(str(seed_config(config)))
     cfg.work_dir = work_dir
     cfg.experiment_name = f"{Path(config).stem}_b{batch}"   # one visualizer instance per runner (named by it)
     d = cfg.train_dataloader.dataset

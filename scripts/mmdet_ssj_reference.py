@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIG = "simple_copy_paste/mask-rcnn_r50_fpn_rpn-2conv_4conv1fc_syncbn-all_32xb2-ssj-scp-90k_coco.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mmdet_reference import CONFIG  # noqa: E402  (the seed config: ...ssj-scp-90k_coco.py)
 DATASET = dict(train=200, val=1, seed=23)   # dali_scp.synthetic.generate's arguments; the test makes the same
 SAMPLES = 2090                               # 11 passes over the 190 images mmdetection keeps (10 have no annotation)
 SEED = 0
@@ -54,12 +55,12 @@ def make_dataset(root: Path) -> Path:
 
 
 def build_mmdet_dataset(root: Path):
-    import mmdet
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmdet.registry import DATASETS
     from dali_scp.synthetic import CATEGORIES
-    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / CONFIG))
+    from mmdet_reference import seed_config
+    cfg = Config.fromfile(str(seed_config(CONFIG)))
     init_default_scope("mmdet")
     d = cfg.train_dataloader.dataset
     assert d.type == "MultiImageMixDataset", d.type

@@ -89,17 +89,9 @@ def class_names(data: Path) -> tuple:
 
 
 # ------------------------------------------------------------------ 2./3. mmdetection side (side venv)
-def _reference_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("mmdet_reference", ROOT / "scripts" / "mmdet_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def mmdet_config(data: Path, work: Path):
     """The seed config, narrowed as scripts/mmdet_reference.py narrows it, for this data set."""
-    ref = _reference_module()
+    import mmdet_reference as ref  # scripts/ is sys.path[0]: this file runs as a script
     cfg, _ = ref.build_mmdet_model()  # installs the kernel stand-ins; narrows cfg.model in place
     classes = class_names(data)
     for head in (cfg.model.roi_head.bbox_head, cfg.model.roi_head.mask_head):
@@ -207,7 +199,8 @@ def mmdet_pixels(data: Path, out_npz: Path) -> dict:
     """(side venv) The pixels mmdetection's test pipeline feeds its model: its own ``LoadImageFromFile``
     (OpenCV) and ``Resize(scale=(1333, 800), keep_ratio=True)``, saved RGB. Also how DALI's CPU decoder
     differs from OpenCV's on the same files, before any resize (returned, and written beside the file)."""
-    _reference_module()._stand_in_kernels()  # mmdet.datasets imports mmcv's ops
+    import mmdet_reference
+    mmdet_reference._stand_in_kernels()  # mmdet.datasets imports mmcv's ops
     from mmcv.transforms import LoadImageFromFile
     from mmdet.datasets.transforms import Resize
     from nvidia.dali import fn, pipeline_def, types
@@ -434,7 +427,7 @@ REF_SCALE = (320, 192)               # a small test scale: the same code path as
 REF_SIZES = [(400, 262), (151, 97)]  # (w, h): shrunk to 293 x 192, enlarged to 299 x 192
 
 
-def reference() -> None:
+def reference(out_path: Path = REF_OUT) -> None:
     """tests/test_testtime.py's reference: two JPEGs (one shrunk, one enlarged by the test resize at
     REF_SCALE), what mmdetection's test pipeline makes of them - OpenCV's decoded pixels, the resized
     pixels and their shape, and the detections of ``scripts/mmdet_reference.py``'s seeded model (its
@@ -447,10 +440,9 @@ def reference() -> None:
     from PIL import Image
     from pycocotools import mask as mask_utils
     from dali_scp.synthetic import CATEGORIES, make_image
-    ref = _reference_module()
+    import mmdet_reference as ref
     cfg, model = ref.build_mmdet_model()
-    spec = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
-    model.load_state_dict(ref.seeded_state_dict(spec))
+    ref.seed_model(model)
     rng = np.random.default_rng(5)
     out, tmp = {}, Path(os.environ.get("TMPDIR", "/tmp")) / "mmdet_testtime_ref"
     tmp.mkdir(exist_ok=True)
@@ -489,8 +481,9 @@ def reference() -> None:
     out["info"] = np.array(json.dumps(dict(scale=REF_SCALE, sizes=REF_SIZES, detections=dets,
                                            versions=dict(mmdet=mmdet.__version__, opencv=cv2.__version__),
                                            model="scripts/mmdet_reference.py's seeded checkpoint (its digest)")))
-    np.savez_compressed(REF_OUT, **out)
-    print(f"wrote {REF_OUT} ({REF_OUT.stat().st_size / 1e3:.0f} kB)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_path, **out)
+    print(f"wrote {out_path} ({out_path.stat().st_size / 1e3:.0f} kB)")
 
 
 def resize_cases() -> dict:
@@ -559,7 +552,8 @@ def main(argv=None) -> int:
     for q in (mp, dp, op):
         q.add_argument("--data", type=Path, required=True)
         q.add_argument("--out", type=Path, required=True)
-    sub.add_parser("reference", help=f"side venv: rewrite {REF_OUT.relative_to(ROOT)}")
+    r = sub.add_parser("reference", help=f"side venv: rewrite {REF_OUT.relative_to(ROOT)}")
+    r.add_argument("--out", type=Path, default=REF_OUT, help=f"default {REF_OUT.relative_to(ROOT)}")
     c = sub.add_parser("compare", help="the table from a work folder")
     c.add_argument("--work", type=Path, required=True)
     a = p.parse_args(argv)
@@ -578,7 +572,7 @@ def main(argv=None) -> int:
     elif a.cmd == "ours-on-pixels":
         ours_on_pixels(a.checkpoint, a.data, a.pixels, a.out)
     elif a.cmd == "reference":
-        reference()
+        reference(a.out)
     elif a.cmd == "compare":
         compare(a.work, a.work / "data")
     return 0

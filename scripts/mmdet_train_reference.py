@@ -1,6 +1,6 @@
 """mmdetection's own training step and samplers, for ``tests/test_train_step.py``.
 
-    PYTHONPATH=$PWD /work/venvs/mmdet/bin/python scripts/mmdet_train_reference.py   # rewrites tests/data/mmdet_train_reference.npz
+    PYTHONPATH=$PWD /work/venvs/mmdet/bin/python scripts/mmdet_train_reference.py   # rewrites tests/data/mmdet_train_reference.npz (--out: elsewhere)
 
 Side environment as ``scripts/mmdet_reference.py`` (mmdet 3.3, mmengine, mmcv-lite; mmcv's nms and RoIAlign
 kernels stood in by torchvision's, RoIAlign's backward too), whose narrowed model, seeded weights and stand-ins
@@ -136,26 +136,6 @@ def reference_batch(workdir: Path):
 
 
 # ------------------------------------------------------------------ mmdetection side
-def _stand_in_roi_align_backward():
-    """mmcv-lite has no RoIAlign backward kernel either; torchvision's RoIAlign is linear in its input, so its
-    vector-Jacobian product is mmcv's ``roi_align_backward``."""
-    import torchvision
-    import mmcv.ops.roi_align  # noqa: F401
-    mmcv_roi_align = sys.modules["mmcv.ops.roi_align"]  # the module (mmcv.ops.roi_align is also the function's name)
-
-    def backward(grad_output, rois, argmax_y, argmax_x, grad_input, aligned_height, aligned_width, spatial_scale,
-                 sampling_ratio, pool_mode, aligned):
-        assert pool_mode == 1, "avg pooling only"
-        x = torch.zeros_like(grad_input, requires_grad=True)
-        with torch.enable_grad():
-            y = torchvision.ops.roi_align(x, rois, (aligned_height, aligned_width), spatial_scale, sampling_ratio,
-                                          aligned)
-            (gx,) = torch.autograd.grad(y, x, grad_output)
-        grad_input.copy_(gx)
-
-    mmcv_roi_align.ext_module.roi_align_backward = backward
-
-
 def float32_anchors(model) -> None:
     """mmdetection makes anchors in float32 for the targets (``get_anchors``) but in the features' dtype for
     the proposals (``predict_by_feat``); in float32 training, which this reference stands for, both are
@@ -304,16 +284,18 @@ def sampler_draws(model, batch, proposals, dense) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=OUT, help=f"default {OUT}")
+    out_path = p.parse_args(argv).out
     import mmdet
     import mmengine
     with tempfile.TemporaryDirectory() as tmp:
         imgs, targets, num_classes = reference_batch(Path(tmp))
     cfg, model = inference_ref.build_mmdet_model(BACKBONE_WIDTH, IMAGE_SIZE, num_classes)
-    _stand_in_roi_align_backward()
-    spec = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
-    weights = inference_ref.seeded_state_dict(spec)
-    model.load_state_dict(weights)
+    spec = inference_ref.seed_model(model)
+    digest = inference_ref.state_dict_digest(model.state_dict())
     model.to(DTYPE)
     model.data_preprocessor.float()  # pixels normalised in float32 as in training, the network run in DTYPE
     float32_anchors(model)
@@ -346,7 +328,7 @@ def main() -> int:
     tc = model.train_cfg
     info = dict(seed=SEED, dtype=str(DTYPE).removeprefix("torch."), image_size=IMAGE_SIZE, backbone_width=BACKBONE_WIDTH, num_classes=num_classes,
                 narrow=inference_ref.NARROW, config=inference_ref.CONFIG, spec=spec,
-                digest=inference_ref.state_dict_digest(weights), losses=step["terms"], total=step["total"],
+                digest=digest, losses=step["terms"], total=step["total"],
                 params=[[k, list(p.shape)] for k, p in model.named_parameters()], grad_steps=steps,
                 buffer_keys=[[k, list(v.shape)] for k, v in model.state_dict().items()
                              if "running" in k or "num_batches" in k],
@@ -359,8 +341,9 @@ def main() -> int:
                 versions=dict(mmdet=mmdet.__version__, mmengine=mmengine.__version__, torch=torch.__version__),
                 stand_ins="mmcv kernels nms, roi_align_forward and roi_align_backward: torchvision's")
     out["info"] = np.array(json.dumps(info))
-    np.savez_compressed(OUT, **out)
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_path, **out)
+    print(f"wrote {out_path} ({out_path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
