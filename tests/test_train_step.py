@@ -29,7 +29,7 @@ from trainer.train_loop import total_loss
 ROOT = Path(__file__).resolve().parents[1]
 REF = ROOT / "tests" / "data" / "mmdet_train_reference.npz"
 # the network in float64 as the reference's (its DTYPE says why); measured differences in brackets
-LOSS_RTOL = 1e-5    # every loss term, relative (<= 8.4e-8)
+LOSS_RTOL = 1e-5    # every loss term, relative (<= 1.7e-7)
 GRAD_RTOL = 1e-4    # per tensor: max |ours - theirs| / max |theirs| (<= 4.9e-7: the reference keeps 2^-21 of max |theirs|)
 BN_RTOL = 1e-5      # BN running mean / var after the step, per tensor as the gradients (0)
 BOX_ATOL = 0.01     # px, training proposals paired one to one (0)
@@ -123,10 +123,16 @@ class RecordedOrder(mm.RandomSampler):
 
 
 def pair_boxes(theirs: torch.Tensor, ours: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """For each of our boxes the index of the nearest of theirs, and the largest coordinate difference."""
+    """One to one: for each of our boxes, in order, the nearest of theirs not yet taken, and the largest
+    coordinate difference. One to one because proposals repeat (a weakly trained RPN gives the whole image
+    several times): each copy must keep its own candidate key, or the samplers' recorded order breaks."""
     cost = (theirs[:, None] - ours[None]).abs().amax(-1)
-    d, pair = cost.min(dim=0)
-    return pair, float(d.max()) if len(d) else 0.0
+    pair, worst = torch.empty(len(ours), dtype=torch.int64), 0.0
+    for j in range(len(ours)):
+        d, i = cost[:, j].min(0)
+        pair[j], worst = i, max(worst, float(d))
+        cost[i] = float("inf")
+    return pair, worst
 
 
 def train_step(ref, batch, weights, backward: bool = True, **fields) -> dict:
@@ -219,7 +225,7 @@ def test_training_proposals_equal_mmdetections(ref, step):
     for i, ours in enumerate(step["proposals"]):
         theirs = torch.from_numpy(ref[f"proposals{i}"])
         pair, d = pair_boxes(theirs, ours)
-        assert len(ours) == len(theirs) == 1000 and len(set(pair.tolist())) == len(ours) and d <= BOX_ATOL
+        assert len(ours) == len(theirs) == 1000 and d <= BOX_ATOL
 
 
 def test_every_anchor_and_roi_candidate_is_assigned_and_sampled_as_by_mmdetection(ref, batch, step):
